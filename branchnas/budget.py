@@ -1,0 +1,61 @@
+"""Budget strings such as ``10M``, ``2.5G`` or ``500k`` to numbers and back.
+
+Suffixes are decimal: k = 1e3, M = 1e6, G = 1e9, T = 1e12. Params are counted one per
+scalar weight; FLOPs follow fvcore, which counts one multiply-add as one flop.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from branchnas.errors import BudgetError
+
+__all__ = ["parse_budget", "format_count", "METRICS"]
+
+METRICS = ("params", "flops")
+
+_SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "g": 10**9, "G": 10**9,
+           "t": 10**12, "T": 10**12}
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([kKmMgGtT]?)\s*$")
+_FORMS = "a plain integer (1500000) or a number with k, M, G or T (500k, 10M, 2.5M, 1.2G)"
+
+
+def parse_budget(text: str | int | float) -> int:
+    """Parse a budget into an integer count.
+
+    Args:
+        text: ``"10M"``, ``"2.5M"``, ``"500k"``, ``"1.2G"``, ``"1500000"`` or a number.
+
+    Returns:
+        The budget as an integer (rounded down).
+
+    Raises:
+        BudgetError: the text is not one of the accepted forms, or is not positive.
+
+    Example:
+        >>> parse_budget("2.5M")
+        2500000
+    """
+    if isinstance(text, bool):
+        raise BudgetError(f"budget: expected {_FORMS}; got {text!r}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = _PATTERN.match(str(text))
+        if not match:
+            raise BudgetError(f"budget: expected {_FORMS}; got {text!r}")
+        mantissa, exponent, suffix = match.groups()
+        value = float(mantissa) * (10 ** int(exponent) if exponent else 1) * _SUFFIX[suffix]
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"budget: expected a positive number; got {text!r}")
+    return int(value)
+
+
+def format_count(value: float, digits: int = 3) -> str:
+    """Format a count with a decimal suffix: ``format_count(2_516_000) == '2.52M'``."""
+    value = float(value)
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g}{suffix}"
+    return f"{value:.{digits}g}" if value != int(value) else str(int(value))

@@ -1,0 +1,110 @@
+"""The ``branchnas`` command: a click group whose subcommands load lazily.
+
+``branchnas --help`` and ``branchnas --version`` import neither torch nor any stage: each
+subcommand lives in its own module under this package and is imported only when it runs
+(click's "lazily loading subcommands" pattern).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import traceback
+
+import click
+
+from branchnas import __version__
+
+#: command name -> (module in this package, one-line help shown by ``--help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("run", "Run the whole pipeline (pretrain → affinity → search → finetune → export)."),
+    "pretrain": ("pretrain", "Stage 1: train one single-task model per task."),
+    "affinity": ("affinity", "Stage 2: RSA task affinity at every branch point."),
+    "search": ("search", "Stage 3: find the cheapest-cost tree within a budget."),
+    "finetune": ("finetune", "Stage 4: build the branched network and fine-tune it."),
+    "compare": ("compare", "Fine-tune single-task, all-shared and chosen trees side by side."),
+    "tune": ("tune", "Stage 5: tune gate sparsity and hinge targets with Optuna."),
+    "export": ("export", "Stage 6: export the fine-tuned network as TorchScript."),
+    "report": ("report", "Print the report of a finished run."),
+    "recipe": ("recipe", "Show the resolved recipe, or validate one."),
+    "datasets": ("datasets", "List the dataset families and their targets."),
+    "tasks": ("tasks", "List the task kinds with their losses and metrics."),
+    "backbones": ("backbones", "List the backbones with branch points, params and FLOPs."),
+}
+
+_state = {"debug": False}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that subcommand runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, short_help = COMMANDS[name]
+        if ctx.resilient_parsing or "--help" in sys.argv[1:2]:
+            # `branchnas --help` lists commands: give their help without importing them.
+            return click.Command(name, short_help=short_help, help=short_help)
+        module = importlib.import_module(f"branchnas_cli.{module_name}")
+        return module.command
+
+    def resolve_command(self, ctx, args):  # type: ignore[no-untyped-def]
+        cmd_name = click.utils.make_str(args[0]) if args else None
+        if cmd_name and cmd_name not in COMMANDS and not cmd_name.startswith("-"):
+            from branchnas.errors import unknown_choice
+
+            raise click.UsageError(unknown_choice("command", cmd_name, COMMANDS), ctx)
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="branchnas")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
+    """branchnas: decide which encoder layers your vision tasks should share.
+
+    Give it tasks that share one image encoder and a parameter or FLOP budget. It trains
+    one model per task, measures task affinity at every branch point, finds the branched
+    network that fits the budget, fine-tunes it and exports it as TorchScript.
+
+    \b
+    Quick start (built-in shapes data, CPU is fine):
+      branchnas run                      the whole pipeline on the default recipe
+      branchnas search --budget 300k     the best tree within 300k parameters
+      branchnas recipe > my.toml         a recipe to edit
+    """
+    _state["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line and exit status 2."""
+    from branchnas.errors import UserError
+
+    args = sys.argv[1:] if argv is None else argv
+    _state["debug"] = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="branchnas", standalone_mode=False)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; run the same command again to resume.", err=True)
+        sys.exit(130)
+    except UserError as err:
+        if _state["debug"]:
+            traceback.print_exc()
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
