@@ -307,7 +307,7 @@ class RunDir:
         """Mark stages that read ``stage`` as stale: their fingerprints will no longer match."""
         manifest = self.manifest()
         changed = False
-        for name, entry in manifest["stages"].items():
+        for entry in manifest["stages"].values():
             if stage in entry.get("depends", []) and entry.get("status") == "done":
                 entry["status"] = "stale"
                 changed = True

@@ -44,12 +44,14 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module_name, short_help = COMMANDS[name]
-        if ctx.resilient_parsing or "--help" in sys.argv[1:2]:
-            # `branchnas --help` lists commands: give their help without importing them.
-            return click.Command(name, short_help=short_help, help=short_help)
-        module = importlib.import_module(f"branchnas_cli.{module_name}")
+        module = importlib.import_module(f"branchnas_cli.{COMMANDS[name][0]}")
         return module.command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # `branchnas --help` lists the commands from COMMANDS, importing none of them.
+        rows = [(name, short_help) for name, (_, short_help) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def resolve_command(self, ctx, args):  # type: ignore[no-untyped-def]
         cmd_name = click.utils.make_str(args[0]) if args else None
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line and exit status 2."""
     from branchnas.errors import UserError
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:  # a bare `branchnas` is a request for help, not a usage error
+        args = ["--help"]
     _state["debug"] = "--debug" in args
     try:
         rv = cli.main(args=args, prog_name="branchnas", standalone_mode=False)

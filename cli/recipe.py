@@ -1,0 +1,28 @@
+"""`branchnas recipe`: print the resolved recipe, or validate one."""
+
+from __future__ import annotations
+
+import click
+from branchnas_cli._options import load, recipe_options
+
+
+@click.command(name="recipe")
+@recipe_options
+@click.option("--check", is_flag=True, help="Only validate; print a one-line summary.")
+def command(recipe: str | None, overrides: tuple[str, ...], check: bool) -> None:
+    """Print RECIPE resolved (built-in defaults, then the file, then --set) as TOML.
+
+    With no RECIPE it uses ./branchnas.toml if present, else the built-in default recipe,
+    so `branchnas recipe > branchnas.toml` gives a complete recipe to edit.
+    """
+    from branchnas.recipe import recipe_to_toml
+
+    resolved = load(recipe, overrides)
+    if check:
+        tasks = ", ".join(t.name for t in resolved.tasks) or "the dataset's default tasks"
+        click.echo(
+            f"ok: recipe '{resolved.name}' — dataset {resolved.data.dataset}, "
+            f"backbone {resolved.backbone.name}, tasks: {tasks}; run directory {resolved.run_dir}"
+        )
+        return
+    click.echo(recipe_to_toml(resolved), nl=False)

@@ -1,0 +1,16 @@
+"""Shared test settings: headless plotting and a private working directory per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run the test inside an empty temporary folder (so ./branchnas.toml and runs/ are its own)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
