@@ -1,0 +1,238 @@
+"""THE cost model: parameters and FLOPs of the stem, each block and each head, by fvcore.
+
+Every number of parameters or FLOPs that branchnas reports or budgets comes from here,
+measured with fvcore on the real modules:
+
+* parameters: ``fvcore.nn.parameter_count``, which counts a tensor shared by several
+  submodules once;
+* FLOPs: ``fvcore.nn.FlopCountAnalysis`` on a batch of one image, in eval mode (batch norm
+  as at inference). **fvcore counts one multiply-add as one flop**, so its numbers are
+  about half of "2 x MACs" counts. Convolutions, linear layers, matrix products, batch norm
+  (1 or 2 per element), adaptive average pooling (1 per input element) and bilinear
+  upsampling (4 per output element) are counted; element-wise ops such as ReLU/ReLU6
+  (``aten::hardtanh``), residual additions (``aten::add``) and max-pooling are not.
+  Those skipped operators are logged at DEBUG level instead of fvcore's warnings.
+
+The size of a tree whose partition at branch point d has ``n_d`` groups is (paper Sec. 3.2)::
+
+    size = stem + sum_d n_d * block_d + sum_t head_t
+
+Example:
+    >>> costs = block_costs(backbone, heads, (32, 32))
+    >>> costs.size([1, 2, 3], "params")        # D = 3: all shared, then 2, then 3 groups
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from branchnas.backbones._base import as_image_size
+from branchnas.budget import METRICS
+from branchnas.errors import UserError, unknown_choice
+
+if TYPE_CHECKING:
+    from branchnas.backbones import Backbone
+
+__all__ = ["BlockCosts", "block_costs", "count_params", "count_flops"]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module`` in eval mode, restoring every submodule's own flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _fvcore() -> Any:
+    """Import ``fvcore.nn`` (lazily: it is slow), hiding the one warning its import raises.
+
+    fvcore scripts its focal loss at import time, which torch now answers with "torch.jit.script
+    is deprecated"; that says nothing about branchnas, so exactly that warning is dropped.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+        import fvcore.nn
+
+    return fvcore.nn
+
+
+def count_params(module: nn.Module) -> int:
+    """Parameters of ``module`` by fvcore; a parameter shared by submodules counts once."""
+    return int(_fvcore().parameter_count(module)[""])
+
+
+def count_flops(module: nn.Module, inputs: Tensor | tuple[Any, ...]) -> int:
+    """FLOPs of one forward pass of ``module`` on ``inputs``, by fvcore.
+
+    fvcore counts one multiply-add as one flop. The module runs in eval mode (restored
+    afterwards) and without gradients, so batch-norm statistics are not touched. Operators
+    fvcore has no formula for (ReLU, additions, max-pooling, ...) count as zero; they are
+    logged at DEBUG level rather than warned about.
+
+    Args:
+        module: Any module that ``torch.jit.trace`` can trace.
+        inputs: One tensor or a tuple of forward arguments. FLOPs scale with the batch
+            size, so pass a batch of one for per-image costs.
+    """
+    if isinstance(inputs, Tensor):
+        inputs = (inputs,)
+    with _eval_mode(module), torch.no_grad():
+        analysis = _fvcore().FlopCountAnalysis(module, inputs)
+        # Targeted: only fvcore's per-analysis warnings about skipped operators and modules
+        # that did not run (an nn.Identity stem) are silenced; other warnings still show.
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        total = int(analysis.total())
+        skipped = analysis.unsupported_ops()
+    if skipped:
+        logger.debug("fvcore counted 0 flops for %s in %s", dict(skipped), type(module).__name__)
+    return total
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Parameters and FLOPs (fvcore: one multiply-add = one flop) of a backbone's parts.
+
+    FLOPs are per image at the image size given to :func:`block_costs`.
+
+    Attributes:
+        stem_params: Parameters of the stem.
+        stem_flops: FLOPs of the stem.
+        block_params: Parameters of each block (length D).
+        block_flops: FLOPs of each block (length D).
+        head_params: Parameters of each task's head.
+        head_flops: FLOPs of each task's head.
+    """
+
+    stem_params: int
+    stem_flops: int
+    block_params: tuple[int, ...]
+    block_flops: tuple[int, ...]
+    head_params: dict[str, int]
+    head_flops: dict[str, int]
+
+    def __post_init__(self) -> None:
+        if len(self.block_params) != len(self.block_flops):
+            raise ValueError(f"{len(self.block_params)} block params but {len(self.block_flops)} block flops")
+        if set(self.head_params) != set(self.head_flops):
+            raise ValueError(f"heads {sorted(self.head_params)} have params but {sorted(self.head_flops)} have flops")
+
+    @property
+    def num_blocks(self) -> int:
+        """D, the number of branch points."""
+        return len(self.block_params)
+
+    def _parts(self, metric: str) -> tuple[int, tuple[int, ...], dict[str, int]]:
+        if metric == "params":
+            return self.stem_params, self.block_params, self.head_params
+        if metric == "flops":
+            return self.stem_flops, self.block_flops, self.head_flops
+        raise UserError(unknown_choice("cost metric", metric, METRICS))
+
+    def size(self, partition_counts: Sequence[int], metric: str = "params") -> int:
+        """Size of a tree: ``stem + sum_d n_d * block_d + sum_t head_t``.
+
+        Args:
+            partition_counts: ``n_d``, the number of task groups at each branch point
+                (length D; 1 = all tasks share the block, the number of tasks = none do).
+            metric: ``params`` or ``flops``.
+
+        Raises:
+            UserError: unknown metric.
+            ValueError: ``partition_counts`` has the wrong length or a count below 1.
+
+        Example:
+            >>> costs.size([1] * costs.num_blocks)          # everything shared
+        """
+        stem, blocks, heads = self._parts(metric)
+        counts = list(partition_counts)
+        if len(counts) != len(blocks):
+            raise ValueError(f"expected {len(blocks)} partition counts (one per branch point); got {len(counts)}")
+        if any(int(n) < 1 for n in counts):
+            raise ValueError(f"every partition has at least one group; got counts {counts}")
+        return stem + sum(int(n) * b for n, b in zip(counts, blocks, strict=True)) + sum(heads.values())
+
+    def single_task(self, task: str, metric: str = "params") -> int:
+        """Size of the single-task model of ``task``: stem, every block once and its head."""
+        stem, blocks, heads = self._parts(metric)
+        if task not in heads:
+            raise UserError(unknown_choice("task", task, heads))
+        return stem + sum(blocks) + heads[task]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; :meth:`from_dict` reads it back."""
+        return {
+            "stem_params": self.stem_params,
+            "stem_flops": self.stem_flops,
+            "block_params": list(self.block_params),
+            "block_flops": list(self.block_flops),
+            "head_params": dict(self.head_params),
+            "head_flops": dict(self.head_flops),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockCosts:
+        """The inverse of :meth:`to_dict`."""
+        return cls(
+            int(data["stem_params"]),
+            int(data["stem_flops"]),
+            tuple(int(v) for v in data["block_params"]),
+            tuple(int(v) for v in data["block_flops"]),
+            {str(k): int(v) for k, v in data["head_params"].items()},
+            {str(k): int(v) for k, v in data["head_flops"].items()},
+        )
+
+
+def block_costs(
+    backbone: Backbone,
+    heads: Mapping[str, nn.Module],
+    image_size: int | Sequence[int],
+    in_channels: int | None = None,
+) -> BlockCosts:
+    """Measure the stem, each block and each head with fvcore at their real input shapes.
+
+    The stem and blocks run once, in eval mode and without gradients, on one zero image;
+    each part is counted on the tensor that actually reaches it, and every head on the last
+    block's output.
+
+    Args:
+        backbone: A :class:`branchnas.backbones.Backbone`.
+        heads: Task name -> head module (each takes the last block's features).
+        image_size: ``(height, width)`` of the input images.
+        in_channels: Input channels; defaults to ``backbone.in_channels``.
+
+    Returns:
+        The :class:`BlockCosts` (FLOPs per image; fvcore counts a multiply-add as one flop).
+    """
+    size = as_image_size(image_size)
+    channels = backbone.in_channels if in_channels is None else in_channels
+    first = next(backbone.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    x = torch.zeros(1, channels, *size, device=device)
+    with _eval_mode(backbone), torch.no_grad():
+        stem_params, stem_flops = count_params(backbone.stem), count_flops(backbone.stem, x)
+        x = backbone.stem(x)
+        block_params, block_flops = [], []
+        for block in backbone.blocks:
+            block_params.append(count_params(block))
+            block_flops.append(count_flops(block, x))
+            x = block(x)
+    head_params = {task: count_params(head) for task, head in heads.items()}
+    head_flops = {task: count_flops(head, x) for task, head in heads.items()}
+    return BlockCosts(
+        stem_params, stem_flops, tuple(block_params), tuple(block_flops), head_params, head_flops
+    )
