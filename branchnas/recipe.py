@@ -287,7 +287,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         if key not in fields:
             raise RecipeError(
                 f"{_join(path, key)}: unknown key{did_you_mean(key, fields)}; "
-                f"valid keys here: {', '.join(fields)}"
+                f"valid keys here: {', '.join(fields) or '(none)'}"
             )
     kwargs = {}
     for name, f in fields.items():
