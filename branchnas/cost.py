@@ -236,3 +236,24 @@ def block_costs(
     return BlockCosts(
         stem_params, stem_flops, tuple(block_params), tuple(block_flops), head_params, head_flops
     )
+
+
+def recipe_costs(recipe: Any) -> tuple[BlockCosts, list[str], list[str]]:
+    """The cost model of a recipe's network: its backbone and one head per task.
+
+    Builds the untrained modules (no training, no data beyond the split metadata) and
+    measures them with :func:`block_costs` at the recipe's input size.
+
+    Returns:
+        ``(costs, task names, branch point names)``.
+    """
+    from branchnas.backbones import build_backbone
+    from branchnas.data import load_splits
+    from branchnas.heads import build_head
+
+    splits, tasks = load_splits(recipe)
+    train = splits["train"]
+    backbone = build_backbone(recipe.backbone, train.in_channels, train.image_size)
+    heads = {t.name: build_head(t, backbone.out_channels, backbone.reduction, train.image_size) for t in tasks}
+    costs = block_costs(backbone, heads, train.image_size, train.in_channels)
+    return costs, [t.name for t in tasks], [info.name for info in backbone.block_info]

@@ -149,7 +149,7 @@ class SearchConfig:
     budget: str = field(default="", metadata=_spec("budget such as 10M or 2.5G; empty = the all-separate size (no limit)"))
     metric: str = field(default="params", metadata=_choices("params", "flops", doc="what the budget counts (fvcore: one multiply-add = one flop)"))
     mode: str = field(default="auto", metadata=_choices("auto", "exact", "scalable"))
-    exact_limit: int = field(default=20_000_000, metadata=_spec("auto runs exact search up to this many trees", min=1))
+    exact_limit: int = field(default=5_000_000_000, metadata=_spec("auto runs exact search up to this many trees", min=1))
     top: int = field(default=1, metadata=_spec("list this many best trees", min=1))
 
 

@@ -1696,3 +1696,163 @@ def format_result(result: SearchResult) -> str:
         )
     lines.append(result.tree.render())
     return "\n".join(lines)
+
+
+# ====================================================================== the stage
+
+STAGE = "search"
+
+
+def stage_config(recipe: Any, affinity_file: str | Path | None = None) -> dict[str, Any]:
+    """What the search depends on: its recipe section, and what the cost model measures."""
+    from dataclasses import asdict
+
+    from branchnas.rundir import file_sha256
+
+    config: dict[str, Any] = {
+        "search": asdict(recipe.search),
+        "backbone": asdict(recipe.backbone),
+        "data": {"dataset": recipe.data.dataset, "image_size": recipe.data.image_size,
+                 "options": recipe.data.options, "root": recipe.data.root},
+        "tasks": [asdict(t) for t in recipe.tasks],
+    }
+    if affinity_file is not None:
+        config["affinity_file"] = {"path": str(affinity_file), "sha256": file_sha256(affinity_file)}
+    return config
+
+
+def read_affinity_file(path: str | Path) -> dict[str, Any]:
+    """Read an affinity ``.npz`` as written by the affinity stage (``affinity``, ``tasks``, ``points``).
+
+    Raises:
+        UserError: the file is missing or lacks one of those arrays.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--affinity: no file {str(path)!r}; give an affinity .npz written by `branchnas affinity`")
+    try:
+        with np.load(path) as data:
+            missing = [key for key in ("affinity", "tasks") if key not in data]
+            if missing:
+                raise UserError(
+                    f"--affinity {path}: missing array(s) {', '.join(missing)}; expected 'affinity' (D x N x N), "
+                    "'tasks' and optionally 'points', as `branchnas affinity` writes them"
+                )
+            affinity = np.asarray(data["affinity"], dtype=np.float64)
+            tasks = [str(t) for t in data["tasks"]]
+            points = [str(p) for p in data["points"]] if "points" in data else None
+    except (OSError, ValueError) as err:
+        raise UserError(f"--affinity {path}: not a readable .npz file ({err})") from None
+    return {"affinity": affinity, "tasks": tasks, "points": points}
+
+
+def _align(affinity: dict[str, Any], tasks: list[str], points: list[str], where: str) -> np.ndarray:
+    """Reorder the affinity to the recipe's task order, checking names and branch points."""
+    given = affinity["tasks"]
+    if sorted(given) != sorted(tasks):
+        extra = sorted(set(given) - set(tasks))
+        absent = sorted(set(tasks) - set(given))
+        raise UserError(
+            f"{where}: its tasks ({', '.join(given)}) differ from the recipe's ({', '.join(tasks)})"
+            + (f"; not in the recipe: {', '.join(extra)}" if extra else "")
+            + (f"; missing: {', '.join(absent)}" if absent else "")
+            + "; use the recipe the affinity was computed with"
+        )
+    matrix = np.asarray(affinity["affinity"], dtype=np.float64)
+    if matrix.ndim != 3 or matrix.shape[0] != len(points):
+        raise UserError(
+            f"{where}: expected affinity at the backbone's {len(points)} branch points ({', '.join(points)}); "
+            f"got shape {tuple(matrix.shape)}; check backbone.name and backbone.granularity"
+        )
+    order = [given.index(t) for t in tasks]
+    return matrix[:, order][:, :, order]
+
+
+def run(recipe: Any, rundir: Any, *, force: bool = False, affinity_file: str | Path | None = None,
+        progress: bool = True) -> Any:
+    """Stage 3: search the tree for the recipe's budget and write ``search/``.
+
+    Runs the earlier stages first when they are not done, unless ``affinity_file`` gives the
+    affinity tensor directly (then nothing is trained).
+
+    Writes ``search/tree.json`` (the ranked trees, :class:`SearchResult` JSON),
+    ``search/pareto.json``, ``search/tree.txt``, ``search/tree.png`` and ``search/pareto.png``.
+    """
+    from branchnas.cost import recipe_costs
+    from branchnas.rundir import atomic_write_json, atomic_write_text
+
+    if affinity_file is None:
+        from branchnas.pipeline import ensure
+
+        ensure(recipe, rundir, before=STAGE)
+    depends = [] if affinity_file is not None else ["affinity"]
+
+    def body(folder: Path) -> dict[str, Any]:
+        costs, tasks, points = recipe_costs(recipe)
+        if affinity_file is not None:
+            matrix = _align(read_affinity_file(affinity_file), tasks, points, f"--affinity {affinity_file}")
+        else:
+            from branchnas.affinity import load_affinity
+
+            matrix = _align(load_affinity(rundir), tasks, points, "affinity/affinity.npz")
+        cfg = recipe.search
+        result = search(matrix, costs, cfg.budget or None, metric=cfg.metric, mode=cfg.mode, top=cfg.top,
+                        tasks=tasks, points=points, pareto=True, exact_limit=cfg.exact_limit)
+        shared = Tree.all_shared(len(tasks), len(points), tasks=tasks, points=points)
+        separate = Tree.all_separate(len(tasks), len(points), tasks=tasks, points=points)
+        sizes = SizeModel.from_costs(costs, tasks=tasks)
+        extremes = {
+            name: {"cost": clustering_cost(tree, matrix),
+                   "params": sizes.params(tree.groups_per_point()),
+                   "flops": sizes.flops(tree.groups_per_point())}
+            for name, tree in (("all_shared", shared), ("all_separate", separate))
+        }
+        data = result.to_json()
+        pareto = data.pop("pareto")
+        data["extremes"] = extremes
+        data["block_costs"] = costs.to_dict()
+        atomic_write_json(folder / "tree.json", data)
+        atomic_write_json(folder / "pareto.json", {"metric": result.metric, "front": pareto})
+        atomic_write_text(folder / "tree.txt", format_result(result) + "\n")
+        result.tree.draw(folder / "tree.png", title=f"chosen tree ({format_count(result.best.params)} params)")
+        plot_pareto(result.pareto or (), folder / "pareto.png", result.metric, chosen=result.best,
+                    budget=result.budget)
+        return {"outputs": [f"{STAGE}/{name}" for name in ("tree.json", "pareto.json", "tree.txt",
+                                                          "tree.png", "pareto.png")],
+                "mode": result.mode, "cost": result.cost}
+
+    config = stage_config(recipe, affinity_file)
+    return rundir.run_stage(STAGE, config, depends, body, force=force)
+
+
+def load_result(rundir: Any) -> tuple[SearchResult, dict[str, Any]]:
+    """The stage's :class:`SearchResult` (with its Pareto front) and the extremes it recorded."""
+    import json
+
+    folder = Path(rundir.path) / STAGE
+    path = folder / "tree.json"
+    if not path.exists():
+        raise UserError(f"no search result in {folder}; run `branchnas search` first")
+    data = json.loads(path.read_text())
+    front = json.loads((folder / "pareto.json").read_text())["front"] if (folder / "pareto.json").exists() else None
+    extremes = data.pop("extremes", {})
+    data.pop("block_costs", None)
+    data["pareto"] = front
+    return SearchResult.from_json(data), extremes
+
+
+def format_summary(result: SearchResult, extremes: Mapping[str, Any]) -> str:
+    """The chosen tree next to the all-shared and all-separate extremes, for the terminal."""
+    rows = [("tree", "params", "flops", "cost")]
+    for name, label in (("all_shared", "all shared"), ("all_separate", "all separate")):
+        if name in extremes:
+            e = extremes[name]
+            rows.append((label, format_count(e["params"]), format_count(e["flops"]), f"{e['cost']:.4f}"))
+    for i, s in enumerate(result.ranked):
+        rows.append((f"chosen #{i + 1}" if len(result.ranked) > 1 else "chosen", format_count(s.params),
+                     format_count(s.flops), f"{s.cost:.4f}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths, strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

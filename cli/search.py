@@ -1,0 +1,54 @@
+"""`branchnas search`: the cheapest-cost tree within a budget (stage 3)."""
+
+from __future__ import annotations
+
+import click
+from branchnas_cli._options import force_option, load, recipe_options
+
+
+@click.command(name="search")
+@recipe_options
+@click.option("--budget", help="Largest tree size, e.g. 10M, 2.5M, 500k, 1.2G or 1500000 (default: the recipe's).")
+@click.option("--metric", type=click.Choice(["params", "flops"]), help="What the budget counts (fvcore: 1 multiply-add = 1 flop).")
+@click.option("--mode", type=click.Choice(["auto", "exact", "scalable"]), help="Exact search, scalable search, or auto.")
+@click.option("--top", type=click.IntRange(min=1), help="List the K best trees within the budget.")
+@click.option("--affinity", "affinity_file", type=click.Path(dir_okay=False),
+              help="Search on this affinity .npz instead of running pretrain and affinity.")
+@click.option("--pareto/--no-pareto", default=True, help="Print the Pareto front (best cost at every budget).")
+@force_option
+def command(recipe, overrides, budget, metric, mode, top, affinity_file, pareto, force):  # noqa: ANN001
+    """Find the branched architecture with the least task clustering cost within a budget.
+
+    Loads the affinity tensor (running pretrain and affinity first if needed, or reading
+    --affinity FILE with no training at all), measures every block with fvcore, and prints
+    the chosen tree with its params, FLOPs and cost next to the all-shared and all-separate
+    extremes. Writes search/tree.json, search/pareto.json and PNGs into the run directory.
+
+    \b
+    Examples:
+      branchnas search --budget 1M
+      branchnas search --budget 200M --metric flops --top 3
+      branchnas search recipes/celeba.toml --affinity affinity.npz --budget 2.2M
+    """
+    from branchnas import search as stage
+    from branchnas.budget import format_count
+    from branchnas.pipeline import open_run
+
+    sets = list(overrides)
+    for key, value in (("budget", budget), ("metric", metric), ("mode", mode), ("top", top)):
+        if value is not None:
+            sets.append(f"search.{key}={value!s}" if key != "budget" else f'search.budget="{value}"')
+    resolved = load(recipe, tuple(sets))
+    rundir = open_run(resolved)
+    outcome = stage.run(resolved, rundir, force=force, affinity_file=affinity_file)
+    result, extremes = stage.load_result(rundir)
+    click.echo(stage.format_result(result))
+    click.echo("")
+    click.echo(stage.format_summary(result, extremes))
+    if pareto and result.pareto:
+        click.echo("\nPareto front (best cost for every budget; * = chosen):")
+        click.echo(stage.format_pareto(result.pareto, result.metric, chosen=result.best))
+    folder = rundir.path / "search"
+    state = "unchanged inputs: kept" if outcome.get("skipped") else "wrote"
+    click.echo(f"\n{state} {folder}/tree.json, pareto.json, tree.png, pareto.png "
+               f"(chosen: {format_count(result.best.params)} params)")
