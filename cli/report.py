@@ -1,14 +1,24 @@
-"""`branchnas report`: registered, implementation pending."""
+"""`branchnas report`: print the report of a run."""
 
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import not_available, recipe_options
 
 
-@click.command(name="report", context_settings={"ignore_unknown_options": True})
-@recipe_options
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def command(recipe: str | None, overrides: tuple[str, ...], extra: tuple[str, ...]) -> None:
-    """Not available yet: this command lands with its stage."""
-    not_available("report", "it lands with its stage")
+@click.command(name="report")
+@click.argument("run", required=False, type=click.Path())
+@click.option("--rewrite", is_flag=True, help="Rebuild report.md from the run's artifacts first.")
+def command(run: str | None, rewrite: bool) -> None:
+    """Print report.md of RUN (a run directory, or a recipe whose run it names).
+
+    With no RUN it uses the run of ./branchnas.toml, else of the built-in default recipe.
+    """
+    from branchnas.report import REPORT, resolve_run, write_report
+
+    rundir = resolve_run(run)
+    path = rundir.path / REPORT
+    if rewrite or not path.exists():
+        with rundir.locked():
+            path = write_report(rundir)
+    click.echo(path.read_text(), nl=False)
+    click.echo(f"\n(figures are PNG files next to {path})", err=True)
