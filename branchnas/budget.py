@@ -11,21 +11,29 @@ import re
 
 from branchnas.errors import BudgetError
 
-__all__ = ["parse_budget", "format_count", "METRICS"]
+__all__ = ["parse_budget", "is_relative", "format_count", "METRICS"]
 
 METRICS = ("params", "flops")
 
 _SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "g": 10**9, "G": 10**9,
            "t": 10**12, "T": 10**12}
 _PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([kKmMgGtT]?)\s*$")
-_FORMS = "a plain integer (1500000) or a number with k, M, G or T (500k, 10M, 2.5M, 1.2G)"
+_FORMS = ("a plain integer (1500000), a number with k, M, G or T (500k, 10M, 2.5M, 1.2G), "
+          "or a share of the all-separate size (50%)")
 
 
-def parse_budget(text: str | int | float) -> int:
+def is_relative(text: str | int | float | None) -> bool:
+    """True for a relative budget such as ``"50%"`` (a share of the all-separate size)."""
+    return isinstance(text, str) and text.strip().endswith("%")
+
+
+def parse_budget(text: str | int | float, reference: float | None = None) -> int:
     """Parse a budget into an integer count.
 
     Args:
-        text: ``"10M"``, ``"2.5M"``, ``"500k"``, ``"1.2G"``, ``"1500000"`` or a number.
+        text: ``"10M"``, ``"2.5M"``, ``"500k"``, ``"1.2G"``, ``"1500000"``, a number, or a
+            percentage such as ``"50%"`` of ``reference``.
+        reference: what a percentage is a share of (the size of N separate networks).
 
     Returns:
         The budget as an integer (rounded down).
@@ -39,6 +47,17 @@ def parse_budget(text: str | int | float) -> int:
     """
     if isinstance(text, bool):
         raise BudgetError(f"budget: expected {_FORMS}; got {text!r}")
+    if is_relative(text):
+        share = str(text).strip()[:-1].strip()
+        try:
+            percent = float(share)
+        except ValueError:
+            percent = float("nan")
+        if not math.isfinite(percent) or not 0 < percent <= 100:
+            raise BudgetError(f"budget: a percentage must lie in (0, 100]%; got {text!r}")
+        if reference is None:
+            return 1  # validated only; the caller resolves it against the all-separate size
+        return int(percent / 100 * reference)
     if isinstance(text, int | float):
         value = float(text)
     else:

@@ -146,7 +146,7 @@ class AffinityConfig:
 class SearchConfig:
     """The ``[search]`` section: the budget-constrained tree search (stage 3)."""
 
-    budget: str = field(default="", metadata=_spec("budget such as 10M or 2.5G; empty = the all-separate size (no limit)"))
+    budget: str = field(default="50%", metadata=_spec("budget such as 10M, 2.5G, or 50% of the all-separate size; empty = no limit"))
     metric: str = field(default="params", metadata=_choices("params", "flops", doc="what the budget counts (fvcore: one multiply-add = one flop)"))
     mode: str = field(default="auto", metadata=_choices("auto", "exact", "scalable"))
     exact_limit: int = field(default=5_000_000_000, metadata=_spec("auto runs exact search up to this many trees", min=1))

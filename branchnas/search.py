@@ -1403,13 +1403,15 @@ def _problem(affinity: Any, block_costs: Any, budget: Any, metric: str, tasks: S
     if len(points) != num_points:
         raise UserError(f"search: {len(points)} branch point names for an affinity over {num_points} branch points")
     sizes = SizeModel.from_costs(block_costs, num_points=num_points, tasks=tasks)
-    limit = None if budget is None or budget == "" else float(parse_budget(budget))
+    largest = _Problem(dis, sizes, tasks, points, metric, None).size_of([n] * num_points)
+    limit = None if budget is None or budget == "" else float(parse_budget(budget, reference=largest))
     problem = _Problem(dis, sizes, tasks, points, metric, limit)
     smallest = problem.size_of([1] * num_points)
     if limit is not None and limit < smallest:
         raise BudgetError(
             f"budget {format_count(limit)} {metric} is below the smallest tree (all tasks share every block, "
             f"{smallest:,} {metric}); give a budget of at least {format_count(smallest)} {metric}"
+            f" (or {math.ceil(1000 * smallest / largest) / 10:g}% of the all-separate size)"
         )
     return problem
 

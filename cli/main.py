@@ -75,7 +75,7 @@ def cli(debug: bool) -> None:
     \b
     Quick start (built-in shapes data, CPU is fine):
       branchnas run                      the whole pipeline on the default recipe
-      branchnas search --budget 300k     the best tree within 300k parameters
+      branchnas search --budget 800k     the best tree within 800k parameters
       branchnas recipe > my.toml         a recipe to edit
     """
     _state["debug"] = debug

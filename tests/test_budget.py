@@ -44,3 +44,16 @@ def test_format_count(value, text):
 def test_format_then_parse_round_trips_within_rounding():
     for value in (1234, 56_789, 2_345_678, 9_876_543_210):
         assert abs(parse_budget(format_count(value, digits=6)) - value) <= value * 1e-5
+
+
+def test_a_percentage_is_a_share_of_the_reference_size():
+    assert parse_budget("50%", reference=2_050_000) == 1_025_000
+    assert parse_budget(" 12.5 % ", reference=800) == 100
+    assert parse_budget("100%", reference=10) == 10
+    assert parse_budget("50%") == 1  # validated only; resolved later against the all-separate size
+
+
+@pytest.mark.parametrize("text", ["0%", "150%", "-5%", "x%", "%"])
+def test_a_percentage_outside_0_100_is_rejected(text):
+    with pytest.raises(BudgetError, match=r"percentage must lie in \(0, 100\]%"):
+        parse_budget(text, reference=100)

@@ -160,7 +160,7 @@ def test_budget_lies_between_the_smallest_and_largest_tree_as_the_comment_says(p
     assert stated, "the [search] comment should state the range of tree sizes"
     assert stated.groups() == (format_count(smallest), format_count(largest))
     if recipe.search.budget:
-        assert smallest <= parse_budget(recipe.search.budget) < largest
+        assert smallest <= parse_budget(recipe.search.budget, reference=largest) < largest
 
 
 # --------------------------------------------------------------------------- shapes.toml

@@ -18,7 +18,7 @@ def test_lists_every_family_with_root_targets_and_options():
     assert "data.root: not needed (generated in code)" in result.output
     assert "data.root (required): img_align_celeba/, list_attr_celeba.txt" in result.output
     assert "*segmentation  segmentation (6 classes)" in result.output
-    assert "    size        = 64" in result.output
+    assert "    size        = 32" in result.output
     assert "40 attribute (the default tasks):" in result.output
 
 
