@@ -160,7 +160,7 @@ class FinetuneConfig(TrainConfig):
     lr: float = field(default=0.01, metadata=_spec("peak learning rate", min=0.0))
     variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused"))
     weighting: str = field(default="uniform", metadata=_choices("uniform", "uncertainty", "dwa", "rlw", "pcgrad"))
-    init: str = field(default="first", metadata=_choices("first", "average", "scratch", doc="how tree nodes take single-task weights"))
+    init: str = field(default="first", metadata=_choices("first", "central", "average", "scratch", doc="how tree nodes take single-task weights: the group's first task, its most central task by affinity, the group mean, or fresh"))
     compare_random: int = field(default=0, metadata=_spec("random trees of similar size in `branchnas compare`", min=0))
 
 

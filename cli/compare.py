@@ -1,14 +1,34 @@
-"""`branchnas compare`: registered, implementation pending."""
+"""`branchnas compare`: single-task, all-shared, chosen and random trees side by side."""
 
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import not_available, recipe_options
+from branchnas_cli._options import force_option, load, recipe_options
 
 
-@click.command(name="compare", context_settings={"ignore_unknown_options": True})
+@click.command(name="compare")
 @recipe_options
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def command(recipe: str | None, overrides: tuple[str, ...], extra: tuple[str, ...]) -> None:
-    """Not available yet: this command lands with its stage."""
-    not_available("compare", "it lands with its stage")
+@force_option
+@click.option("--random", "random_trees", type=click.IntRange(min=0), default=None,
+              help="Also fine-tune this many random trees within ±10% of the chosen tree's "
+                   "parameters (shortcut for --set finetune.compare_random=N).")
+def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_trees: int | None) -> None:
+    """Fine-tune and tabulate the single-task models, the all-shared network and the chosen tree.
+
+    As in the paper's Tables 1 and 2: parameters, FLOPs (fvcore, one multiply-add = one
+    flop, per image), every task's primary test metric and Δ_MTL against the single-task
+    models. The chosen tree's model is stage 4's; the all-shared and random trees are
+    fine-tuned here with the same settings. Writes compare/compare.json and compare/compare.md.
+    """
+    from branchnas import compare
+    from branchnas.pipeline import open_run
+
+    if random_trees is not None:
+        overrides = (*overrides, f"finetune.compare_random={random_trees}")
+    resolved = load(recipe, overrides)
+    rundir = open_run(resolved)
+    result = compare.run(resolved, rundir, force=force)
+    if result.get("skipped"):
+        click.echo("compare: already done with these inputs (use --force to redo)")
+    click.echo(compare.comparison_table(compare.load_comparison(rundir)))
+    click.echo(f"wrote {rundir.path / 'compare' / 'compare.md'} and compare.json")

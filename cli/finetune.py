@@ -1,14 +1,39 @@
-"""`branchnas finetune`: registered, implementation pending."""
+"""`branchnas finetune`: stage 4, fine-tune the branched network of the chosen tree."""
 
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import not_available, recipe_options
+from branchnas_cli._options import force_option, load, recipe_options
 
 
-@click.command(name="finetune", context_settings={"ignore_unknown_options": True})
+@click.command(name="finetune")
 @recipe_options
-@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
-def command(recipe: str | None, overrides: tuple[str, ...], extra: tuple[str, ...]) -> None:
-    """Not available yet: this command lands with its stage."""
-    not_available("finetune", "it lands with its stage")
+@force_option
+@click.option(
+    "--weighting", type=click.Choice(["uniform", "uncertainty", "dwa", "rlw", "pcgrad"]), default=None,
+    help="Loss weighting (shortcut for --set finetune.weighting=...); default: the recipe's (uniform).",
+)
+def command(recipe: str | None, overrides: tuple[str, ...], force: bool, weighting: str | None) -> None:
+    """Build the branched network of the searched tree and fine-tune it on all tasks.
+
+    Runs the earlier stages first if they are not done. The nodes start from the single-task
+    models of stage 1 (finetune.init); the training settings are the recipe's [finetune]
+    section. Prints per-task test metrics next to the single-task ones, Δ_MTL, parameters
+    and FLOPs (fvcore, one multiply-add = one flop, per image); writes finetune/model.pt and
+    finetune/report.json in the run directory. An interrupted run resumes where it stopped.
+    """
+    import json
+
+    from branchnas import finetune
+    from branchnas.pipeline import open_run
+
+    if weighting is not None:
+        overrides = (*overrides, f"finetune.weighting={weighting}")
+    resolved = load(recipe, overrides)
+    rundir = open_run(resolved)
+    result = finetune.run(resolved, rundir, force=force)
+    report = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    if result.get("skipped"):
+        click.echo("finetune: already done with these inputs (use --force to redo)")
+    click.echo(finetune.report_table(report))
+    click.echo(f"wrote {rundir.path / 'finetune' / 'model.pt'} and report.json")

@@ -1,0 +1,304 @@
+"""``branchnas compare``: single-task, all-shared, the chosen tree and random trees side by side.
+
+The table follows the paper's Tables 1 and 2: one row per model, with its parameters, FLOPs
+(fvcore, one multiply-add = one flop, per image), every task's primary test metric and
+Δ_MTL against the single-task models.
+
+* **single-task**: the stage-1 models' test metrics as they are; the size is that of the
+  all-separate tree (the stem counted once, as in every tree);
+* **all-shared**: the usual multi-task baseline, fine-tuned here;
+* **chosen**: the tree of the search stage, as fine-tuned by stage 4 (not trained again);
+* **rank-k**: with ``search.top`` > 1, the search's runners-up, fine-tuned here;
+* **random-k**: ``finetune.compare_random`` random trees within ±10% of the chosen tree's
+  parameters (:func:`random_trees_of_similar_size`), fine-tuned here; they show what the
+  affinity-based choice is worth at that size.
+
+Every fine-tuning goes through :func:`branchnas.finetune.finetune_tree` into its own folder
+under ``compare/`` (resumable), so the models differ only in their tree. Artifacts:
+``compare/compare.json`` and ``compare/compare.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from branchnas.errors import UserError
+from branchnas.rundir import RunDir, StageResult, atomic_write_json, atomic_write_text
+from branchnas.tree import Partition, Tree, canonical_partition
+
+if TYPE_CHECKING:
+    from branchnas.cost import BlockCosts
+    from branchnas.recipe import Recipe
+
+__all__ = [
+    "stage_config",
+    "run",
+    "random_trees_of_similar_size",
+    "random_chain",
+    "comparison_table",
+    "load_comparison",
+]
+
+#: Trees enumerated at most before sampling takes over (N tasks and D blocks grow fast).
+ENUMERATION_LIMIT = 200_000
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    """What ``compare`` depends on: the fine-tuning configuration and the number of random trees."""
+    from branchnas import finetune
+
+    return finetune.stage_config(recipe) | {"compare_random": recipe.finetune.compare_random}
+
+
+def run(recipe: Recipe, rundir: RunDir, *, force: bool = False) -> StageResult:
+    """Fine-tune the comparison models and write ``compare/compare.json`` and ``compare.md``.
+
+    Runs the pipeline up to stage 4 first (skipping what is done); the chosen tree's
+    fine-tuned model is stage 4's.
+
+    Returns:
+        The manifest entry of ``compare`` (``skipped`` when already done); the comparison
+        itself is read with :func:`load_comparison` and shown with :func:`comparison_table`.
+    """
+    from branchnas import finetune
+
+    finetune.run(recipe, rundir)
+
+    def body(folder: Path) -> dict[str, Any]:
+        data = _compare(recipe, rundir, folder)
+        atomic_write_json(folder / "compare.json", data)
+        atomic_write_text(folder / "compare.md", _markdown(data))
+        return {"outputs": ["compare/compare.json", "compare/compare.md"], "models": len(data["rows"])}
+
+    return rundir.run_stage("compare", stage_config(recipe), ["pretrain", "search", "finetune"], body, force=force)
+
+
+def _compare(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any]:
+    from branchnas.data import load_splits
+    from branchnas.finetune import finetune_tree, load_ranked, single_task_metrics
+    from branchnas.tasks import delta_mtl
+
+    chosen = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    chosen_tree = Tree.from_json(chosen["tree"])
+    splits, tasks = load_splits(recipe)
+    names = [t.name for t in tasks]
+    costs = _costs(recipe, rundir)
+    n, depth = len(names), costs.num_blocks
+    points = list(chosen_tree.points)
+    shared = Tree.all_shared(n, depth, tasks=names, points=points)
+    separate = Tree.all_separate(n, depth, tasks=names, points=points)
+    baseline = single_task_metrics(rundir, "test")
+
+    rows: list[dict[str, Any]] = [{
+        "name": "single-task", "kind": "single-task", "partitions": separate.named_partitions(),
+        "params": costs.size([n] * depth, "params"), "flops": costs.size([n] * depth, "flops"),
+        "test": {t: dict(baseline[t]) for t in names}, "delta_mtl": 0.0,
+        "delta_per_task": {t: 0.0 for t in names},
+        "note": "stage-1 models; size of the all-separate tree",
+    }]
+    # Keyed by layout: a tree that equals another row's is fine-tuned once.
+    reports: dict[Any, dict[str, Any]] = {chosen_tree.partitions: chosen}
+
+    def add(name: str, kind: str, tree: Tree) -> None:
+        if tree.partitions not in reports:
+            reports[tree.partitions] = finetune_tree(recipe, rundir, tree, folder / name, desc=f"compare {name}",
+                                                     splits=(splits, tasks))
+        report = reports[tree.partitions]
+        same = tree.partitions == chosen_tree.partitions and kind != "chosen"
+        rows.append({
+            "name": name, "kind": kind, "partitions": tree.named_partitions(),
+            "params": report["params"], "flops": report["flops"],
+            "test": report["test"], "delta_mtl": delta_mtl(report["test"], baseline, tasks),
+            "delta_per_task": {t.name: delta_mtl(report["test"], baseline, [t]) for t in tasks},
+            "note": "the chosen tree" if same else "",
+        })
+
+    add("all-shared", "all-shared", shared)
+    add("chosen", "chosen", chosen_tree)
+    # With search.top > 1 the search ranks several trees; the runners-up are compared too.
+    for rank, tree in enumerate(load_ranked(rundir.path / "search" / "tree.json")[1:], 2):
+        add(f"rank-{rank}", "ranked", tree)
+    count = recipe.finetune.compare_random
+    if count:
+        target = costs.size(list(chosen_tree.groups_per_point()), "params")
+        randoms = random_trees_of_similar_size(
+            names, costs, target, count, seed=recipe.seed, points=points,
+            exclude=[chosen_tree, shared, separate],
+        )
+        for k, tree in enumerate(randoms, 1):
+            add(f"random-{k}", "random", tree)
+    return {
+        "tasks": [{"name": t.name, "metric": t.primary_metric, "higher_is_better": t.higher_is_better(t.primary_metric)}
+                  for t in tasks],
+        "split": "test",
+        "units": "params: parameters; flops: fvcore FLOPs per image (one multiply-add = one flop)",
+        "random_requested": count,
+        "rows": rows,
+    }
+
+
+def _costs(recipe: Recipe, rundir: RunDir) -> BlockCosts:
+    """The cost model the search used (``search/tree.json``), else the recipe's, measured now."""
+    from branchnas.cost import BlockCosts, recipe_costs
+
+    data = json.loads((rundir.path / "search" / "tree.json").read_text())
+    if "block_costs" in data:
+        return BlockCosts.from_dict(data["block_costs"])
+    return recipe_costs(recipe)[0]
+
+
+# --------------------------------------------------------------------------- random trees
+
+
+def random_chain(num_tasks: int, depth: int, rng: random.Random) -> tuple[Partition, ...]:
+    """A random tree's partitions, for when there are too many trees to enumerate.
+
+    Not exactly uniform over trees. Each branch point after the first keeps the partition
+    before it with probability 1/2 (so shared prefixes stay likely); otherwise every group
+    is split into ``k`` pieces, ``k`` uniform in ``1..|group|``, by assigning its tasks to
+    pieces at random. The first partition is such a split of all tasks.
+    """
+    chain: list[Partition] = []
+    for d in range(depth):
+        if d and rng.random() < 0.5:
+            chain.append(chain[-1])
+            continue
+        groups: list[list[int]] = []
+        for group in chain[-1] if chain else [tuple(range(num_tasks))]:
+            k = rng.randint(1, len(group))
+            pieces: list[list[int]] = [[] for _ in range(k)]
+            for task in group:
+                pieces[rng.randrange(k)].append(task)
+            groups.extend(p for p in pieces if p)
+        chain.append(canonical_partition(groups))
+    return tuple(chain)
+
+
+def random_trees_of_similar_size(
+    tasks: Sequence[str],
+    costs: BlockCosts,
+    target: float,
+    count: int,
+    *,
+    seed: int,
+    metric: str = "params",
+    tolerance: float = 0.1,
+    exclude: Iterable[Any] = (),
+    points: Sequence[str] | None = None,
+    attempts: int = 20_000,
+) -> list[Tree]:
+    """``count`` distinct random trees whose size is within ``tolerance`` of ``target``.
+
+    When there are at most :data:`ENUMERATION_LIMIT` trees over ``tasks``
+    (:func:`branchnas.search.count_trees`), the trees in the size band are drawn uniformly
+    without replacement from :func:`branchnas.search.enumerate_trees`; otherwise
+    :func:`random_chain` proposals are accepted until ``count`` distinct ones fall in the
+    band or ``attempts`` run out. Sizes follow the cost model (:meth:`BlockCosts.size`).
+
+    Args:
+        tasks: The task names, in order.
+        costs: The cost model of the backbone and heads (its D is the trees' depth).
+        target: The reference size, e.g. the chosen tree's parameters.
+        count: How many trees.
+        seed: Seed of the draw.
+        metric: ``params`` or ``flops``.
+        tolerance: Relative half-width of the size band (0.1 = ±10%).
+        exclude: Trees not to return (e.g. the chosen tree and the two extremes), as
+            :class:`~branchnas.tree.Tree` objects over ``tasks`` or lists of partitions.
+        points: Branch point names of the returned trees.
+        attempts: Proposals tried when sampling.
+
+    Returns:
+        :class:`~branchnas.tree.Tree` objects; fewer than ``count`` when the band does not
+        hold that many.
+
+    Example:
+        >>> trees = random_trees_of_similar_size(names, costs, costs.size([1, 2, 3]), 5, seed=0)
+    """
+    from branchnas.search import count_trees, enumerate_trees
+    from branchnas.tree import Tree
+
+    if count < 1:
+        return []
+    names = list(tasks)
+    n, depth = len(names), costs.num_blocks
+    excluded = {(t if isinstance(t, Tree) else Tree(t, tasks=names)).partitions for t in exclude}
+    low, high = (1 - tolerance) * target, (1 + tolerance) * target
+
+    def fits(chain: tuple[Partition, ...]) -> bool:
+        return chain not in excluded and low <= costs.size([len(p) for p in chain], metric) <= high
+
+    rng = random.Random(seed)
+    if count_trees(n, depth) <= ENUMERATION_LIMIT:
+        band = [c for c in enumerate_trees(n, depth) if fits(c)]
+        found = rng.sample(band, min(count, len(band)))
+    else:
+        found = []
+        for _ in range(attempts):
+            chain = random_chain(n, depth, rng)
+            if fits(chain) and chain not in found:
+                found.append(chain)
+                if len(found) == count:
+                    break
+    return [Tree(c, tasks=names, points=points) for c in found]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def comparison_table(data: Mapping[str, Any], markdown: bool = False) -> str:
+    """The comparison as an aligned table (``markdown``: a GitHub table)."""
+    from tabulate import tabulate
+
+    from branchnas.budget import format_count
+
+    tasks = data["tasks"]
+    headers = ["model", "#params", "FLOPs"]
+    headers += [f"{t['name']} {t['metric']} {'↑' if t['higher_is_better'] else '↓'}" for t in tasks]
+    headers.append("Δ_MTL (%) ↑")
+    rows = []
+    for row in data["rows"]:
+        cells = [row["name"], format_count(row["params"]), format_count(row["flops"])]
+        cells += [f"{row['test'][t['name']][t['metric']]:.4f}" for t in tasks]
+        cells.append(f"{100 * row['delta_mtl']:+.2f}")
+        rows.append(cells)
+    align = ("left",) + ("right",) * (len(headers) - 1)
+    return tabulate(rows, headers=headers, tablefmt="github" if markdown else "simple",
+                    disable_numparse=True, colalign=align)
+
+
+def _markdown(data: Mapping[str, Any]) -> str:
+    lines = [
+        "# branchnas compare",
+        "",
+        f"Test split. {data['units']}. Δ_MTL against the single-task models (GatedMTL eq. 6).",
+        "",
+        comparison_table(data, markdown=True),
+        "",
+        "## Trees",
+        "",
+    ]
+    for row in data["rows"]:
+        note = f" ({row['note']})" if row.get("note") else ""
+        lines.append(f"- **{row['name']}**: `{_describe(row['partitions'])}`{note}")
+    if data["random_requested"] and sum(r["kind"] == "random" for r in data["rows"]) < data["random_requested"]:
+        lines += ["", f"Only {sum(r['kind'] == 'random' for r in data['rows'])} of the {data['random_requested']} "
+                  "requested random trees fit within ±10% of the chosen tree's parameters."]
+    return "\n".join(lines) + "\n"
+
+
+def _describe(partitions: Sequence[Sequence[Sequence[str]]]) -> str:
+    """A tree on one line: groups in braces, branch points separated by ``|``."""
+    return " | ".join(" ".join("{" + ",".join(g) + "}" for g in part) for part in partitions)
+
+
+def load_comparison(rundir: RunDir) -> dict[str, Any]:
+    """``compare/compare.json`` of a run."""
+    path = rundir.path / "compare" / "compare.json"
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run `branchnas compare` first")
+    return json.loads(path.read_text())

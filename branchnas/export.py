@@ -1,0 +1,412 @@
+"""Stage 6: export the fine-tuned network as a self-describing TorchScript file.
+
+The file is ``torch.jit.script(net)`` saved with one extra file, ``branchnas.json``, that
+holds what a user of the file needs and cannot see in the weights: the task names, kinds and
+output shapes, the input size, the normalisation (mean and std on the 0..1 pixel scale), the
+tree, and the branchnas version. Plain PyTorch reads it (no branchnas needed)::
+
+    extra = {"branchnas.json": ""}
+    model = torch.jit.load("model.pt", _extra_files=extra)
+    meta = json.loads(extra["branchnas.json"])
+
+Every export is checked before it is moved into place: the file is loaded in a separate
+Python process (``python -I``) in which importing branchnas is blocked, run on fixed inputs,
+and its outputs compared with the eager model's. A difference above ``export.atol`` raises
+:class:`branchnas.errors.ExportMismatch` and leaves no file behind. ``docs/exported-model.md``
+is the user's guide to the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from branchnas.errors import ExportMismatch, UserError, unknown_choice
+from branchnas.rundir import RunDir, StageResult
+
+if TYPE_CHECKING:
+    from branchnas.recipe import Recipe
+
+__all__ = [
+    "FORMATS",
+    "METADATA_FILE",
+    "METADATA_FORMAT",
+    "stage_config",
+    "run",
+    "default_output",
+    "build_metadata",
+    "export_model",
+    "read_metadata",
+    "check_in_clean_process",
+]
+
+FORMATS = ("torchscript", "onnx")
+#: Name of the extra file in the TorchScript archive (and of the ONNX metadata property).
+METADATA_FILE = "branchnas.json"
+#: ``format`` field of the metadata; bump it when the layout changes.
+METADATA_FORMAT = "branchnas.export/1"
+#: Images in the fixed check batch.
+CHECK_BATCH = 2
+
+# Run by `python -I` in a fresh process: blocks branchnas, proves the block works, loads the
+# file with plain torch, runs it on the saved inputs and saves the outputs and the metadata.
+_GUARD = r"""
+import importlib.abc, json, sys
+
+BLOCKED = ("branchnas", "branchnas_cli")
+
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError("blocked by the export check: " + name, name=name)
+        return None
+
+sys.meta_path.insert(0, _Block())
+for name in BLOCKED:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        print(json.dumps({"error": name + " could still be imported"}))
+        sys.exit(3)
+"""
+
+_CHECK_SCRIPT = _GUARD + r"""
+import warnings
+warnings.simplefilter("ignore", FutureWarning)
+import torch
+
+model_path, inputs_path, outputs_path, fmt = sys.argv[1:5]
+inputs = torch.load(inputs_path, weights_only=True)
+if fmt == "torchscript":
+    extra = {"branchnas.json": ""}
+    model = torch.jit.load(model_path, map_location="cpu", _extra_files=extra)
+    meta = json.loads(extra["branchnas.json"])
+    with torch.no_grad():
+        outputs = dict(model(inputs))
+else:
+    import onnx, onnxruntime
+    proto = onnx.load(model_path)
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["branchnas.json"])
+    session = onnxruntime.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+    outputs = {n: torch.from_numpy(v) for n, v in zip(names, values)}
+torch.save(outputs, outputs_path)
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print(json.dumps({"metadata": meta, "leaked": leaked, "torch": torch.__version__}))
+"""
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    """The part of the recipe that stage 6 depends on: the ``[export]`` section."""
+    return {"export": dataclasses.asdict(recipe.export)}
+
+
+def default_output(recipe: Recipe, rundir: RunDir) -> Path:
+    """``export.output``, or ``<run dir>/export/model.pt`` (``model.onnx`` for ONNX)."""
+    if recipe.export.output:
+        return Path(recipe.export.output)
+    suffix = ".onnx" if recipe.export.format == "onnx" else ".pt"
+    return rundir.path / "export" / f"model{suffix}"
+
+
+def run(recipe: Recipe, rundir: RunDir, *, force: bool = False, output: str | Path | None = None) -> StageResult:
+    """Export the fine-tuned network of stage 4 (running earlier stages if needed).
+
+    Args:
+        recipe: The resolved recipe (``[export]``: format, output, check, atol).
+        rundir: The run directory.
+        force: Export again even if nothing changed.
+        output: The file to write; default :func:`default_output`.
+
+    Returns:
+        The stage's manifest entry, with ``path``, ``format`` and ``max_abs_diff``.
+    """
+    from branchnas.finetune import load_checkpoint_info, load_finetuned
+    from branchnas.pipeline import ensure
+
+    if recipe.export.format not in FORMATS:
+        raise UserError(unknown_choice("export format", recipe.export.format, FORMATS))
+    ensure(recipe, rundir, before="export")
+    target = Path(output) if output is not None else default_output(recipe, rundir)
+    target = target.resolve()
+    config = stage_config(recipe) | {"output": str(target)}
+
+    def body(folder: Path) -> dict[str, Any]:
+        net = load_finetuned(recipe, rundir)
+        info = load_checkpoint_info(rundir.path / "finetune" / "model.pt")
+        metadata = build_metadata(net, info)
+        result = export_model(net, target, metadata, format=recipe.export.format,
+                              check=recipe.export.check, atol=recipe.export.atol)
+        try:
+            shown = str(target.relative_to(rundir.path.resolve()))
+        except ValueError:
+            shown = str(target)
+        return {"outputs": [shown], "path": str(target), "format": recipe.export.format,
+                "max_abs_diff": result["max_abs_diff"], "checked": result["checked"]}
+
+    return rundir.run_stage("export", config, ["finetune"], body, force=force)
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def build_metadata(net: nn.Module, info: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``branchnas.json`` of an export.
+
+    Args:
+        net: The fine-tuned :class:`branchnas.models.BranchedNet` (its output shapes are
+            measured on one zero image).
+        info: The non-weight contents of ``finetune/model.pt`` (tasks, ``in_channels``,
+            ``image_size``, ``mean``, ``std``, ``partitions``, ``tree``, ``backbone``).
+    """
+    from branchnas import __version__
+    from branchnas.tasks import Task
+
+    channels, size = int(info["in_channels"]), [int(s) for s in info["image_size"]]
+    with torch.no_grad():
+        outputs = _eager_outputs(net, torch.zeros(1, channels, *size))
+    tasks = []
+    for fields in info["tasks"]:
+        task = Task(**fields)
+        tasks.append({
+            "name": task.name,
+            "kind": task.kind,
+            "num_classes": task.num_classes,
+            "channels": task.out_channels,
+            "output_shape": ["B", *outputs[task.name].shape[1:]],
+            "metrics": list(task.metric_names),
+        })
+    return {
+        "format": METADATA_FORMAT,
+        "branchnas_version": __version__,
+        "torch_version": torch.__version__,
+        "task_names": [t["name"] for t in tasks],
+        "tasks": tasks,
+        "input": {
+            "shape": ["B", channels, *size],
+            "channels": channels,
+            "height": size[0],
+            "width": size[1],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "scale": 1 / 255,
+            "mean": list(info["mean"]),
+            "std": list(info["std"]),
+        },
+        "preprocessing": "resize to height x width; x = (pixel / 255 - mean) / std per channel",
+        "partitions": info["partitions"],
+        "tree": info.get("tree"),
+        "backbone": info.get("backbone"),
+        "dataset": info.get("dataset"),
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``branchnas.json`` metadata of an exported TorchScript file.
+
+    Raises:
+        UserError: The file does not exist or holds no branchnas metadata.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; export a model with `branchnas export`")
+    extra = {METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra[METADATA_FILE]:
+        raise UserError(f"{path} holds no {METADATA_FILE}; it was not written by `branchnas export`")
+    return json.loads(extra[METADATA_FILE])
+
+
+# --------------------------------------------------------------------------- exporting
+
+
+def _eager_outputs(net: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+    """The eager model's outputs (a separate function so a test can corrupt them)."""
+    with torch.no_grad():
+        return {k: v.detach().cpu() for k, v in net(inputs).items()}
+
+
+def _fixed_inputs(metadata: Mapping[str, Any]) -> Tensor:
+    shape = [CHECK_BATCH, *metadata["input"]["shape"][1:]]
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+def export_model(
+    net: nn.Module,
+    path: str | Path,
+    metadata: Mapping[str, Any],
+    *,
+    format: str = "torchscript",
+    check: bool = True,
+    atol: float = 1e-5,
+) -> dict[str, Any]:
+    """Write ``net`` to ``path`` in ``format`` with ``metadata``, checked, atomically.
+
+    The file is written next to ``path`` under a temporary name, checked in a clean process
+    (see :func:`check_in_clean_process`) and only then renamed to ``path``; on any failure no
+    file is left and an existing ``path`` is untouched.
+
+    Args:
+        net: The network (moved to the CPU and put in eval mode).
+        path: The output file.
+        metadata: See :func:`build_metadata`.
+        format: ``torchscript`` or ``onnx`` (needs the ``onnx`` package).
+        check: Run the clean-process check.
+        atol: Largest allowed absolute difference between the file's and the eager outputs.
+
+    Returns:
+        ``{"path", "format", "checked", "max_abs_diff": {task: diff}}``.
+
+    Raises:
+        ExportMismatch: The reloaded file's outputs differ from the eager outputs.
+        UserError: An unknown format, or ONNX without the ``onnx`` package.
+    """
+    if format not in FORMATS:
+        raise UserError(unknown_choice("export format", format, FORMATS))
+    net = net.cpu().eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = _fixed_inputs(metadata)
+    if format == "onnx":
+        data = _to_onnx(net, inputs, metadata)
+        if check and importlib.util.find_spec("onnxruntime") is None:
+            raise UserError("checking an ONNX export needs onnxruntime: pip install onnxruntime "
+                            "(or --set export.check=false)")
+    else:
+        data = _to_torchscript(net, metadata)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        diffs: dict[str, float] = {}
+        if check:
+            diffs = check_in_clean_process(tmp, inputs, _eager_outputs(net, inputs), atol=atol, format=format)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return {"path": str(path), "format": format, "checked": check, "max_abs_diff": diffs}
+
+
+def _to_torchscript(net: nn.Module, metadata: Mapping[str, Any]) -> bytes:
+    with warnings.catch_warnings():
+        # torch marks TorchScript as deprecated; it is still the format plain PyTorch loads.
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(net)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return buffer.getvalue()
+
+
+def _to_onnx(net: nn.Module, inputs: Tensor, metadata: Mapping[str, Any]) -> bytes:
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the onnx package: pip install onnx (or use --format torchscript)") from None
+
+    names = list(metadata["task_names"])
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        _TupleOutputs(net, names), (inputs,), buffer, input_names=["image"], output_names=names,
+        dynamic_axes={"image": {0: "B"}, **{n: {0: "B"} for n in names}}, dynamo=False,
+    )
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_FILE, json.dumps(metadata)
+    return proto.SerializeToString()
+
+
+class _TupleOutputs(nn.Module):
+    """ONNX names outputs by position: the task dict becomes a tuple in task order."""
+
+    def __init__(self, net: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.net, self.names = net, list(names)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        out = self.net(x)
+        return tuple(out[n] for n in self.names)
+
+
+def check_in_clean_process(
+    path: str | Path,
+    inputs: Tensor,
+    expected: Mapping[str, Tensor],
+    *,
+    atol: float,
+    format: str = "torchscript",
+    timeout: float = 300,
+) -> dict[str, float]:
+    """Load ``path`` in a fresh ``python -I`` process where branchnas cannot be imported.
+
+    The child blocks ``branchnas`` and ``branchnas_cli`` with a ``sys.meta_path`` finder,
+    fails if either still imports, loads the file with plain torch, reads its metadata, runs
+    it on ``inputs`` and hands the outputs back; they must match ``expected`` within ``atol``.
+
+    Returns:
+        The largest absolute difference per task.
+
+    Raises:
+        ExportMismatch: Different tasks or shapes, a difference above ``atol``, a NaN, the
+            metadata missing, or the child failing.
+    """
+
+    with tempfile.TemporaryDirectory(prefix="branchnas-export-check-") as tmp:
+        inputs_path, outputs_path = Path(tmp) / "inputs.pt", Path(tmp) / "outputs.pt"
+        torch.save(inputs.detach().cpu(), inputs_path)
+        proc = subprocess.run(
+            [sys.executable, "-I", "-c", _CHECK_SCRIPT, str(path), str(inputs_path), str(outputs_path), format],
+            capture_output=True, text=True, timeout=timeout, cwd=tmp,
+        )
+        if proc.returncode != 0:
+            last = (proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ExportMismatch(f"the exported file failed to load or run in a clean process: {last}")
+        status = json.loads(proc.stdout.strip().splitlines()[-1])
+        if status.get("leaked"):
+            raise ExportMismatch(f"the clean-process check imported {', '.join(status['leaked'])}; the file depends on branchnas")
+        if not status.get("metadata"):
+            raise ExportMismatch(f"the exported file has no {METADATA_FILE} metadata")
+        got = torch.load(outputs_path, weights_only=True)
+    if list(got) != list(expected):
+        raise ExportMismatch(f"the exported file returns tasks {list(got)}; the eager model returns {list(expected)}")
+    diffs = {}
+    for task, want in expected.items():
+        have = got[task]
+        if tuple(have.shape) != tuple(want.shape):
+            raise ExportMismatch(
+                f"task '{task}': the exported file returns shape {tuple(have.shape)}; eager returns {tuple(want.shape)}"
+            )
+        diff = (have.double() - want.double()).abs()
+        worst = float(diff.max()) if diff.numel() else 0.0
+        if not torch.isfinite(diff).all() or worst > atol:
+            raise ExportMismatch(
+                f"task '{task}': the exported file differs from the eager model by {worst:.3g} > atol {atol:g}; "
+                "nothing was written"
+            )
+        diffs[task] = worst
+    return diffs

@@ -1,0 +1,411 @@
+"""Stage 4: build the branched network of the chosen tree and fine-tune it on all tasks.
+
+The network (:class:`branchnas.models.BranchedNet`) is initialised from the single-task
+models of stage 1 (``finetune.init``, see :meth:`BranchedNet.from_single_task`) and trained
+with the shared trainer (:mod:`branchnas.training`) under the loss weighting
+``finetune.weighting`` (uniform by default). It is then evaluated on the validation and test
+splits, and compared with the single-task models of stage 1 by Δ_MTL (GatedMTL eq. 6,
+:func:`branchnas.tasks.delta_mtl`) on each task's primary test metric. Parameters and FLOPs
+are measured with fvcore on the built network (:mod:`branchnas.cost`; one multiply-add is one
+flop, per image).
+
+Artifacts in ``finetune/``:
+
+* ``model.pt``: ``{"format", "state_dict", "partitions", "tree", "tasks", "backbone",
+  "in_channels", "image_size", "mean", "std", ...}``: everything :func:`load_finetuned`
+  needs to rebuild the network without the data;
+* ``report.json``: per-task val/test metrics, the single-task baselines, per-task and mean
+  Δ_MTL, params, FLOPs, the training history;
+* ``ckpt/``: the trainer's checkpoints, so a killed run resumes where it stopped.
+
+:func:`finetune_tree` does the work for any tree into any folder; ``branchnas compare``
+uses it for the all-shared and random trees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from branchnas.errors import NotAvailableYet, UserError
+from branchnas.rundir import RunDir, StageResult, atomic_torch_save, atomic_write_json
+
+if TYPE_CHECKING:
+    from branchnas.models import BranchedNet
+    from branchnas.recipe import Recipe
+    from branchnas.tasks import Task
+
+__all__ = [
+    "MODEL_FORMAT",
+    "stage_config",
+    "run",
+    "finetune_tree",
+    "build_branched",
+    "load_finetuned",
+    "load_model_file",
+    "load_checkpoint_info",
+    "rebuild",
+    "load_tree",
+    "load_ranked",
+    "tree_to_json",
+    "single_task_metrics",
+    "model_cost",
+    "report_table",
+]
+
+#: ``format`` field of ``finetune/model.pt``; bump it when the layout changes.
+MODEL_FORMAT = "branchnas.branched/1"
+
+#: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_random`` is read
+#: only by ``branchnas compare``, ``device`` says where it runs (as in stage 1).
+_NOT_FINGERPRINTED = ("compare_random", "device")
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    """The part of the recipe that stage 4 depends on.
+
+    The data, tasks and backbone reach it through the fingerprints of pretrain and search;
+    the batch size, augmentation, task weights and seed are read again here.
+    """
+    finetune = {k: v for k, v in dataclasses.asdict(recipe.finetune).items() if k not in _NOT_FINGERPRINTED}
+    return {
+        "finetune": finetune,
+        "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
+        "batch_size": recipe.data.batch_size,
+        "augment": recipe.data.augment,
+        "seed": recipe.seed,
+    }
+
+
+def run(recipe: Recipe, rundir: RunDir, *, force: bool = False) -> StageResult:
+    """Fine-tune the tree of ``search/tree.json`` (running earlier stages if needed).
+
+    Args:
+        recipe: The resolved recipe.
+        rundir: The run directory.
+        force: Redo the stage even if its inputs are unchanged.
+
+    Returns:
+        The stage's manifest entry (``skipped`` when it was already done).
+    """
+    from branchnas.pipeline import ensure
+
+    _check_variant(recipe)
+    ensure(recipe, rundir, before="finetune")
+
+    def body(folder: Path) -> dict[str, Any]:
+        tree = load_tree(rundir.path / "search" / "tree.json")
+        report = finetune_tree(recipe, rundir, tree, folder, desc="finetune")
+        return {
+            "outputs": ["finetune/model.pt", "finetune/report.json"],
+            "delta_mtl": report["delta_mtl"],
+            "params": report["params"],
+            "flops": report["flops"],
+        }
+
+    return rundir.run_stage("finetune", stage_config(recipe), ["pretrain", "search"], body, force=force)
+
+
+def _check_variant(recipe: Recipe) -> None:
+    if recipe.finetune.variant != "plain":
+        raise NotAvailableYet(
+            f"finetune.variant '{recipe.finetune.variant}' is not available yet; use 'plain'"
+        )
+
+
+# --------------------------------------------------------------------------- trees
+
+
+def load_ranked(path: str | Path) -> list[Any]:
+    """The trees of ``search/tree.json``, best first (one unless ``search.top`` > 1).
+
+    Reads the search stage's result (:class:`branchnas.search.SearchResult` JSON) or a
+    single tree's JSON (:meth:`branchnas.tree.Tree.to_json`).
+    """
+    from branchnas.search import SEARCH_FORMAT, SearchResult
+    from branchnas.tree import Tree
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run `branchnas search` first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); run `branchnas search --force`") from None
+    if isinstance(data, dict) and data.get("format") == SEARCH_FORMAT:
+        return [scored.tree for scored in SearchResult.from_json(data).ranked]
+    return [Tree.from_json(data)]
+
+
+def load_tree(path: str | Path) -> Any:
+    """The chosen (best) tree of ``search/tree.json``; see :func:`load_ranked`."""
+    return load_ranked(path)[0]
+
+
+def tree_to_json(tree: Any) -> Any:
+    """The JSON form of a tree (:meth:`branchnas.tree.Tree.to_json`), or its partitions."""
+    if hasattr(tree, "to_json"):
+        return tree.to_json()
+    from branchnas.models import tree_chain
+
+    return [[list(g) for g in part] for part in tree_chain(tree)[1]]
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_branched(
+    recipe: Recipe, rundir: RunDir, tree: Any, init: str | None = None
+) -> BranchedNet:
+    """The network of ``tree``, initialised from the stage-1 single-task models.
+
+    Args:
+        recipe: The resolved recipe.
+        rundir: The run directory holding ``pretrain/``.
+        tree: The tree (a :class:`branchnas.tree.Tree`; its task order is the network's).
+        init: The init rule (default ``finetune.init``); see
+            :meth:`branchnas.models.BranchedNet.from_single_task`.
+    """
+    from branchnas.models import BranchedNet, tree_chain
+    from branchnas.pretrain import load_single_task
+
+    names = tree_chain(tree)[0]
+    backbones, heads = {}, {}
+    for name in names:
+        backbones[name], heads[name] = load_single_task(recipe, rundir, name)
+    init = init or recipe.finetune.init
+    affinity = _affinity(rundir, names) if init == "central" else None
+    return BranchedNet.from_single_task(tree, backbones, heads, init=init, tasks=names,
+                                        affinity=affinity, seed=recipe.seed)
+
+
+def _affinity(rundir: RunDir, names: Sequence[str]) -> Any:
+    """The affinity tensor of stage 2, reordered to ``names``."""
+    import numpy as np
+
+    path = rundir.path / "affinity" / "affinity.npz"
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run `branchnas affinity` first (init 'central' needs it)")
+    with np.load(path, allow_pickle=False) as data:
+        affinity, tasks = data["affinity"], [str(t) for t in data["tasks"]]
+    order = [tasks.index(n) for n in names]
+    return affinity[:, order][:, :, order]
+
+
+def _checkpoint(net: BranchedNet, tree: Any, tasks: Sequence[Task], data: Any, recipe: Recipe) -> dict[str, Any]:
+    from branchnas import __version__
+
+    return {
+        "format": MODEL_FORMAT,
+        "branchnas_version": __version__,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "partitions": net.partitions(),
+        "tree": tree_to_json(tree),
+        "tasks": [_task_fields(t) for t in tasks],
+        "backbone": dataclasses.asdict(recipe.backbone),
+        "in_channels": int(data.in_channels),
+        "image_size": [int(s) for s in data.image_size],
+        "mean": [float(m) for m in data.mean],
+        "std": [float(s) for s in data.std],
+        "dataset": recipe.data.dataset,
+    }
+
+
+def _task_fields(task: Task) -> dict[str, Any]:
+    fields = ("name", "kind", "target", "num_classes", "channels", "weight", "loss_name")
+    return {f: getattr(task, f) for f in fields}
+
+
+def rebuild(checkpoint: Mapping[str, Any]) -> BranchedNet:
+    """Rebuild a fine-tuned network from the contents of a ``model.pt`` (no data needed).
+
+    Raises:
+        UserError: The file is not a branchnas fine-tuned model of a known format.
+    """
+    from branchnas.backbones import build_backbone
+    from branchnas.heads import build_head
+    from branchnas.models import BranchedNet
+    from branchnas.recipe import BackboneConfig
+    from branchnas.tasks import Task
+
+    if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != MODEL_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise UserError(f"expected a fine-tuned model of format {MODEL_FORMAT}; got {found!r}; "
+                        "run `branchnas finetune --force`")
+    # The state dict replaces every weight, so a weights file named in the recipe is not read.
+    cfg = BackboneConfig(**{**checkpoint["backbone"], "weights": ""})
+    size = tuple(checkpoint["image_size"])
+    backbone = build_backbone(cfg, checkpoint["in_channels"], size)
+    tasks = [Task(**fields) for fields in checkpoint["tasks"]]
+    heads = {t.name: build_head(t, backbone.out_channels, backbone.reduction, size) for t in tasks}
+    net = BranchedNet(checkpoint["partitions"], backbone, heads, tasks=[t.name for t in tasks])
+    net.load_state_dict(checkpoint["state_dict"])
+    return net.eval()
+
+
+def load_finetuned(recipe: Recipe, rundir: RunDir) -> BranchedNet:
+    """The fine-tuned network of stage 4 (``finetune/model.pt``), in eval mode on the CPU."""
+    return load_model_file(rundir.path / "finetune" / "model.pt")
+
+
+def load_model_file(path: str | Path) -> BranchedNet:
+    """Rebuild the network saved in a ``model.pt`` of stage 4 or of ``branchnas compare``."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run `branchnas finetune` first")
+    return rebuild(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def load_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """Everything in a ``model.pt`` but the weights (tasks, input size, normalisation, tree)."""
+    import torch
+
+    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return {k: v for k, v in data.items() if k != "state_dict"}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def model_cost(net: BranchedNet, in_channels: int, image_size: Sequence[int]) -> dict[str, int]:
+    """fvcore params and FLOPs (per image; one multiply-add = one flop) of a built network."""
+    import torch
+
+    from branchnas.cost import count_flops, count_params
+
+    device = next(net.parameters()).device
+    x = torch.zeros(1, in_channels, *image_size, device=device)
+    return {"params": count_params(net), "flops": count_flops(net, x)}
+
+
+def single_task_metrics(rundir: RunDir, split: str = "test") -> dict[str, dict[str, float]]:
+    """The stage-1 metrics ``{task: {metric: value}}`` on ``split`` (``pretrain/metrics.json``)."""
+    from branchnas.pretrain import read_metrics
+
+    tasks = read_metrics(rundir)["tasks"]
+    return {name: {k: float(v) for k, v in entry[split].items()} for name, entry in tasks.items()}
+
+
+def _per_task_delta(metrics: Mapping[str, Any], baseline: Mapping[str, Any], tasks: Sequence[Task]) -> dict[str, float]:
+    from branchnas.tasks import delta_mtl
+
+    return {t.name: delta_mtl(metrics, baseline, [t]) for t in tasks}
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+def finetune_tree(
+    recipe: Recipe,
+    rundir: RunDir,
+    tree: Any,
+    out_dir: str | Path,
+    desc: str,
+    *,
+    splits: tuple[Mapping[str, Any], Sequence[Task]] | None = None,
+) -> dict[str, Any]:
+    """Build, fine-tune, evaluate and measure the network of ``tree``; write it to ``out_dir``.
+
+    Writes ``out_dir/model.pt`` and ``out_dir/report.json`` (see the module docstring) and
+    keeps the trainer's checkpoints in ``out_dir/ckpt`` so that a killed run resumes. When
+    ``out_dir/report.json`` and ``out_dir/model.pt`` already exist, the saved report is
+    returned without training again (the caller clears ``out_dir`` when its inputs change,
+    as :meth:`RunDir.run_stage` does).
+
+    Args:
+        recipe: The resolved recipe (``[finetune]`` is the training configuration).
+        rundir: The run directory with the stage-1 models.
+        tree: The tree to build.
+        out_dir: Where to write.
+        desc: The progress-bar label.
+        splits: ``load_splits(recipe)`` when the caller already has it (several trees).
+
+    Returns:
+        The report (also in ``out_dir/report.json``).
+    """
+    from branchnas.data import load_splits
+    from branchnas.tasks import delta_mtl
+    from branchnas.training import Trainer, evaluate
+    from branchnas.weighting import get_weighting
+
+    _check_variant(recipe)
+    out_dir = Path(out_dir)
+    report_path, model_path = out_dir / "report.json", out_dir / "model.pt"
+    if report_path.exists() and model_path.exists():
+        return json.loads(report_path.read_text())
+
+    splits, tasks = splits if splits is not None else load_splits(recipe)
+    baseline_test = single_task_metrics(rundir, "test")
+    baseline_val = single_task_metrics(rundir, "val")
+    net = build_branched(recipe, rundir, tree)
+    weighting = get_weighting(recipe.finetune.weighting, tasks, seed=recipe.seed)
+    trainer = Trainer(
+        net, tasks, recipe.finetune, batch_size=recipe.data.batch_size, seed=recipe.seed,
+        checkpoint=out_dir / "ckpt", weighting=weighting, augment=recipe.data.augment, desc=desc,
+    )
+    history = trainer.fit(splits["train"], splits["val"])
+    batch = recipe.data.batch_size
+    val = evaluate(net, tasks, splits["val"], batch)
+    test = evaluate(net, tasks, splits["test"], batch)
+    net = net.cpu().eval()
+    data = splits["train"]
+    cost = model_cost(net, data.in_channels, data.image_size)
+    report = {
+        "tree": tree_to_json(tree),
+        "partitions": net.partitions(),
+        "tasks": [_task_fields(t) | {"metric": t.primary_metric,
+                                     "higher_is_better": t.higher_is_better(t.primary_metric)} for t in tasks],
+        "params": cost["params"],
+        "flops": cost["flops"],
+        "val": val,
+        "test": test,
+        "single_task": {"val": baseline_val, "test": baseline_test},
+        "delta_mtl": delta_mtl(test, baseline_test, tasks),
+        "delta_mtl_val": delta_mtl(val, baseline_val, tasks),
+        "delta_per_task": _per_task_delta(test, baseline_test, tasks),
+        "weighting": recipe.finetune.weighting,
+        "init": recipe.finetune.init,
+        # With finetune.patience > 0 the trainer restores the best epoch; else the last one counts.
+        "weights_from_epoch": history.get("best_epoch") if recipe.finetune.patience > 0 else history.get("epochs"),
+        "training": history,
+    }
+    atomic_torch_save(_checkpoint(net, tree, tasks, data, recipe), model_path)
+    atomic_write_json(report_path, report)
+    return report
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def report_table(report: Mapping[str, Any]) -> str:
+    """An aligned table of a fine-tuning report: per task, single-task vs branched and Δ."""
+    from tabulate import tabulate
+
+    from branchnas.budget import format_count
+
+    rows = []
+    for task in report["tasks"]:
+        name, metric = task["name"], task["metric"]
+        arrow = "↑" if task["higher_is_better"] else "↓"
+        rows.append([
+            name, f"{metric} {arrow}",
+            _fmt(report["single_task"]["test"][name][metric]),
+            _fmt(report["test"][name][metric]),
+            f"{100 * report['delta_per_task'][name]:+.2f}",
+        ])
+    table = tabulate(rows, headers=["task", "metric", "single-task", "branched", "Δ (%)"],
+                     tablefmt="simple", disable_numparse=True, colalign=("left", "left", "right", "right", "right"))
+    footer = (
+        f"params {format_count(report['params'])}   FLOPs {format_count(report['flops'])} (fvcore, per image)   "
+        f"Δ_MTL {100 * report['delta_mtl']:+.2f}% (test)"
+    )
+    return f"{table}\n{footer}"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"

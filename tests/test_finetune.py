@@ -1,0 +1,286 @@
+"""Stage 4 (finetune), ``branchnas compare`` and the export stage, end to end on tiny data.
+
+The slow tests share one tiny run (3 tasks, 16x16 shapes, ResNet-20 at width 1/4, one epoch
+per stage); the fast ones check the pieces that need no run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from branchnas_cli.main import cli
+from click.testing import CliRunner
+
+from branchnas import compare, export, finetune
+from branchnas.errors import NotAvailableYet, UserError
+from branchnas.pipeline import open_run
+from branchnas.recipe import load_recipe
+from branchnas.tasks import Task, delta_mtl
+
+# torch marks TorchScript as deprecated; it is still the format plain PyTorch loads.
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+
+TASKS = ('tasks=[{name="shape", kind="classification"}, {name="colour", kind="classification"}, '
+         '{name="segmentation", kind="segmentation"}]')
+
+
+def tiny_overrides(out, name="tiny", *extra):
+    return [
+        f"out={json.dumps(str(out))}", f"name={name}", TASKS,
+        "data.num_train=64", "data.num_val=32", "data.num_test=32", "data.batch_size=32",
+        "data.options={size = 16}", "backbone.width=0.25",
+        "pretrain.epochs=1", "finetune.epochs=1", "affinity.images=16", "affinity.batch_size=32",
+        "pretrain.device=cpu", "finetune.device=cpu",
+        # Between the all-shared (20k) and all-separate (54k) sizes, so the chosen tree is mixed.
+        "search.budget=40k", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny run up to stage 4: (recipe, rundir, stage result)."""
+    out = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe(None, tiny_overrides(out))
+    rundir = open_run(recipe)
+    result = finetune.run(recipe, rundir)
+    return recipe, rundir, result
+
+
+def tasks_of(report):
+    return [Task(**{k: t[k] for k in ("name", "kind", "target", "num_classes", "channels", "weight", "loss_name")})
+            for t in report["tasks"]]
+
+
+# --------------------------------------------------------------------------- fast
+
+
+def test_stage_config_leaves_out_compare_only_keys_and_the_device():
+    a = load_recipe(None, ["finetune.compare_random=3", "finetune.device=cpu"])
+    b = load_recipe(None, ["finetune.compare_random=0"])
+    assert finetune.stage_config(a) == finetune.stage_config(b)
+    assert compare.stage_config(a) != compare.stage_config(b)
+    assert finetune.stage_config(load_recipe(None, ["finetune.lr=0.5"])) != finetune.stage_config(b)
+
+
+def test_other_variants_are_not_available_yet(tmp_path):
+    recipe = load_recipe(None, [f"out={json.dumps(str(tmp_path))}", "finetune.variant=gated"])
+    with pytest.raises(NotAvailableYet, match="finetune.variant 'gated'"):
+        finetune.run(recipe, open_run(recipe))
+
+
+def test_rebuild_refuses_other_files():
+    with pytest.raises(UserError, match="expected a fine-tuned model of format branchnas.branched/1"):
+        finetune.rebuild({"format": "something else"})
+
+
+def test_report_table_is_aligned_and_signed():
+    report = {
+        "tasks": [{"name": "shape", "metric": "accuracy", "higher_is_better": True},
+                  {"name": "depth", "metric": "abs_err", "higher_is_better": False}],
+        "single_task": {"test": {"shape": {"accuracy": 0.5}, "depth": {"abs_err": 2.0}}},
+        "test": {"shape": {"accuracy": 0.6}, "depth": {"abs_err": 1.0}},
+        "delta_per_task": {"shape": 0.2, "depth": 0.5},
+        "delta_mtl": 0.35, "params": 1_234_567, "flops": 2_000_000_000,
+    }
+    lines = finetune.report_table(report).splitlines()
+    assert lines[0].split() == ["task", "metric", "single-task", "branched", "Δ", "(%)"]
+    assert lines[2].split() == ["shape", "accuracy", "↑", "0.5000", "0.6000", "+20.00"]
+    assert lines[3].split() == ["depth", "abs_err", "↓", "2.0000", "1.0000", "+50.00"]
+    assert lines[-1].startswith("params 1.23M   FLOPs 2G") and "Δ_MTL +35.00% (test)" in lines[-1]
+    assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
+
+
+# --------------------------------------------------------------------------- slow: stage 4
+
+
+@pytest.mark.slow
+def test_finetune_writes_the_report_and_a_rebuildable_model(run):
+    recipe, rundir, result = run
+    folder = rundir.path / "finetune"
+    assert not result["skipped"]
+    assert sorted(result["outputs"]) == ["finetune/model.pt", "finetune/report.json"]
+    report = json.loads((folder / "report.json").read_text())
+    tasks = tasks_of(report)
+    assert [t.name for t in tasks] == ["shape", "colour", "segmentation"]
+    # Δ_MTL is recomputed from the files alone: the report's test metrics and stage 1's.
+    baseline = {n: e["test"] for n, e in json.loads((rundir.path / "pretrain" / "metrics.json").read_text())["tasks"].items()}
+    assert report["delta_mtl"] == pytest.approx(delta_mtl(report["test"], baseline, tasks), abs=1e-12)
+    assert report["delta_mtl"] == pytest.approx(sum(report["delta_per_task"].values()) / 3, abs=1e-12)
+    assert report["single_task"]["test"] == baseline
+    assert result["delta_mtl"] == report["delta_mtl"]
+    # The tree is the search's, and the size is the cost model's size of that tree.
+    tree = finetune.load_tree(rundir.path / "search" / "tree.json")
+    assert report["partitions"] == tree.named_partitions()
+    assert tree.groups_per_point() not in [(1, 1, 1), (3, 3, 3)]  # mixed: the budget is 40k
+    from branchnas.cost import block_costs
+    from branchnas.pretrain import load_single_task
+
+    pairs = {t.name: load_single_task(recipe, rundir, t.name) for t in tasks}
+    costs = block_costs(pairs["shape"][0], {n: p[1] for n, p in pairs.items()}, (16, 16))
+    assert report["params"] == costs.size(list(tree.groups_per_point()), "params")
+    assert report["flops"] == costs.size(list(tree.groups_per_point()), "flops")
+
+
+@pytest.mark.slow
+def test_the_saved_model_reproduces_the_reported_metrics(run):
+    from branchnas.data import load_splits
+    from branchnas.training import evaluate
+
+    recipe, rundir, _ = run
+    report = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    net = finetune.load_finetuned(recipe, rundir)
+    splits, tasks = load_splits(recipe)
+    measured = evaluate(net, tasks, splits["test"], 32)
+    for task in tasks:
+        for metric, value in report["test"][task.name].items():
+            assert measured[task.name][metric] == pytest.approx(value, abs=1e-6), (task.name, metric)
+
+
+@pytest.mark.slow
+def test_central_init_takes_each_group_from_its_most_central_task(run):
+    import numpy as np
+
+    from branchnas.models import source_task
+    from branchnas.pretrain import load_single_task
+
+    recipe, rundir, _ = run
+    tree = finetune.load_tree(rundir.path / "search" / "tree.json")
+    names = list(tree.tasks)
+    with np.load(rundir.path / "affinity" / "affinity.npz") as data:
+        order = [[str(t) for t in data["tasks"]].index(n) for n in names]
+        affinity = data["affinity"][:, order][:, :, order]
+    net = finetune.build_branched(recipe, rundir, tree, init="central")
+    backbones = {n: load_single_task(recipe, rundir, n)[0] for n in names}
+    for name, group in net.node_groups.items():
+        d = int(name[1:].split("_")[0])
+        source = source_task(group, d, "central", affinity, names)
+        for key, value in net.nodes[name].state_dict().items():
+            assert torch.equal(value, backbones[source].blocks[d].state_dict()[key]), (name, key)
+
+
+@pytest.mark.slow
+def test_a_second_run_is_skipped(run):
+    recipe, rundir, _ = run
+    assert finetune.run(recipe, rundir)["skipped"]
+
+
+@pytest.mark.slow
+def test_a_killed_finetune_resumes_to_the_same_result(run, monkeypatch):
+    from branchnas import training
+
+    recipe, rundir, _ = run
+    recipe2 = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "finetune.epochs=2"))
+    real_save = training.Trainer._save
+    saves = []
+
+    def kill_after_first_epoch(self, member):
+        real_save(self, member)
+        saves.append(member.epoch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Trainer, "_save", kill_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(recipe2, rundir)
+    monkeypatch.setattr(training.Trainer, "_save", real_save)
+    assert saves == [1]
+    assert rundir.stage_entry("finetune")["status"] == "running"
+    assert (rundir.path / "finetune" / "ckpt" / "model.pt").exists()
+    real_epoch = training.Trainer._epoch
+    epochs_run = []
+
+    def count_epochs(self, group, train, val, epoch, bar):
+        epochs_run.append(epoch)
+        return real_epoch(self, group, train, val, epoch, bar)
+
+    monkeypatch.setattr(training.Trainer, "_epoch", count_epochs)
+    resumed = finetune.run(recipe2, rundir)
+    assert not resumed["skipped"]
+    assert epochs_run == [1]  # resumed at the second epoch, not started over
+    report = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    assert [h["epoch"] for h in report["training"]["history"]] == [1, 2]
+    # The same tree fine-tuned without interruption ends with the same metrics (CPU is deterministic).
+    tree = finetune.load_tree(rundir.path / "search" / "tree.json")
+    fresh = finetune.finetune_tree(recipe2, rundir, tree, rundir.path / "uninterrupted", desc="check")
+    assert epochs_run == [1, 0, 1]
+    assert fresh["test"] == report["test"]
+    # Put stage 4 back as the other tests expect it (1 epoch).
+    finetune.run(recipe, rundir)
+
+
+@pytest.mark.slow
+def test_cli_finetune_prints_the_table(run, monkeypatch):
+    recipe, rundir, _ = run
+    args = ["finetune"]
+    for item in tiny_overrides(rundir.path.parent):
+        args += ["--set", item]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "already done" in result.output
+    assert "single-task" in result.output and "Δ_MTL" in result.output
+    for name in ("shape", "colour", "segmentation"):
+        assert name in result.output
+
+
+# --------------------------------------------------------------------------- slow: compare
+
+
+@pytest.mark.slow
+def test_compare_writes_json_and_markdown(run):
+    recipe, rundir, _ = run
+    recipe = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "finetune.compare_random=1"))
+    compare.run(recipe, rundir)
+    data = json.loads((rundir.path / "compare" / "compare.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names[:3] == ["single-task", "all-shared", "chosen"]
+    rows = {r["name"]: r for r in data["rows"]}
+    chosen = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    assert rows["chosen"]["test"] == chosen["test"] and rows["chosen"]["params"] == chosen["params"]
+    assert rows["single-task"]["delta_mtl"] == 0.0
+    assert rows["single-task"]["params"] >= rows["chosen"]["params"] >= rows["all-shared"]["params"]
+    assert rows["all-shared"]["partitions"] == [[["shape", "colour", "segmentation"]]] * 3
+    randoms = [r for r in data["rows"] if r["kind"] == "random"]
+    assert len(randoms) == 1
+    for row in randoms:
+        assert abs(row["params"] - chosen["params"]) <= 0.1 * chosen["params"]
+        assert row["partitions"] != chosen["partitions"]
+    md = (rundir.path / "compare" / "compare.md").read_text()
+    assert "| model" in md and "Δ_MTL (%) ↑" in md and "## Trees" in md
+    for name in names:
+        assert f"| {name}" in md
+    table = compare.comparison_table(data).splitlines()
+    assert table[0].split()[:3] == ["model", "#params", "FLOPs"]
+
+
+# --------------------------------------------------------------------------- slow: export
+
+
+@pytest.mark.slow
+def test_export_stage_writes_a_checked_file_with_metadata(run):
+    recipe, rundir, _ = run
+    result = export.run(recipe, rundir)
+    path = rundir.path / "export" / "model.pt"
+    assert result["path"] == str(path.resolve()) and path.exists()
+    assert result["checked"] and max(result["max_abs_diff"].values()) <= recipe.export.atol
+    meta = export.read_metadata(path)
+    report = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    assert meta["task_names"] == ["shape", "colour", "segmentation"]
+    assert meta["partitions"] == report["partitions"]
+    assert meta["input"]["shape"] == ["B", 3, 16, 16]
+    model = torch.jit.load(str(path))
+    x = torch.randn(2, 3, 16, 16)
+    eager = finetune.load_finetuned(recipe, rundir)
+    with torch.no_grad():
+        for name, value in model(x).items():
+            torch.testing.assert_close(value, eager(x)[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_export_from_a_run_directory(run, tmp_path):
+    _, rundir, _ = run
+    target = tmp_path / "model.pt"
+    result = CliRunner().invoke(cli, ["export", str(rundir.path), "-o", str(target)])
+    assert result.exit_code == 0, result.output
+    assert target.exists() and "checked in a clean process without branchnas" in result.output
+    assert export.read_metadata(target)["task_names"] == ["shape", "colour", "segmentation"]
