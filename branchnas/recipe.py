@@ -139,7 +139,7 @@ class AffinityConfig:
     images: int = field(default=500, metadata=_spec("K held-out images for the RDMs", min=3))
     bootstrap: int = field(default=0, metadata=_spec("bootstrap resamples of the K images for confidence intervals (0 = off)", min=0))
     split: str = field(default="val", metadata=_choices("val", "test", "train"))
-    batch_size: int = field(default=64, metadata=_spec("images per forward pass", min=1))
+    batch_size: int = field(default=16, metadata=_spec("images per forward pass (memory grows with it)", min=1))
 
 
 @dataclass
