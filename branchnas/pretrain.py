@@ -1,0 +1,442 @@
+"""Stage 1: one single-task model per task (the paper's Sec. 3.1, first step).
+
+Every task gets the same encoder architecture (the recipe's backbone) and its own head,
+trained under the same conditions (``[pretrain]``). The N models are trained together on
+shared batches by :class:`branchnas.training.Trainer` (``pretrain.concurrent``), which is the
+same computation as training them one after another. Their weights feed the affinity stage
+and their metrics are the single-task baselines of Δ_MTL.
+
+Artifacts in ``<run>/pretrain/``:
+
+* ``<task>.pt``: ``{"task", "backbone", "head", "val", "test", ...}``: the task's name, the
+  encoder and head state dicts, the validation and test metrics, plus what
+  :func:`load_single_task` needs to rebuild the model without loading data;
+* ``metrics.json``: ``{"tasks": {task: {"val": {...}, "test": {...}, "chance": {...}, ...}}}``;
+* ``ckpt/<task>.pt``: per-epoch checkpoints, so that a killed run continues where it stopped.
+
+A model whose ``<task>.pt`` exists is not trained again, so ``--tasks a,b`` trains a subset
+and a later run trains the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from branchnas.errors import UserError, did_you_mean
+from branchnas.rundir import RunDir, StageResult, atomic_torch_save, atomic_write_json
+
+__all__ = [
+    "STAGE",
+    "stage_config",
+    "run",
+    "load_single_task",
+    "build_single_task",
+    "read_metrics",
+    "metrics_table",
+    "chance_metrics",
+]
+
+STAGE = "pretrain"
+
+
+def stage_config(recipe: Any) -> dict[str, Any]:
+    """What stage 1 depends on: data, tasks, backbone, ``[pretrain]`` and the seed.
+
+    ``pretrain.device`` and ``pretrain.concurrent`` are left out: they decide where and how
+    the models train, not what they compute.
+    """
+    train = dataclasses.asdict(recipe.pretrain)
+    for key in ("device", "concurrent"):
+        train.pop(key, None)
+    return {
+        "data": dataclasses.asdict(recipe.data),
+        "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
+        "backbone": dataclasses.asdict(recipe.backbone),
+        "pretrain": train,
+        "seed": recipe.seed,
+    }
+
+
+def _rundir(rundir: RunDir | str | Path) -> RunDir:
+    return rundir if isinstance(rundir, RunDir) else RunDir(rundir)
+
+
+def _task_file(folder: Path, name: str) -> Path:
+    return folder / f"{name}.pt"
+
+
+def _select(names: Sequence[str], tasks: Sequence[str] | None) -> list[str]:
+    """The recipe's task names restricted to ``tasks`` (recipe order), checked."""
+    if tasks is None:
+        return list(names)
+    wanted = [t.strip() for t in tasks if t and t.strip()]
+    if not wanted:
+        raise UserError(f"--tasks: expected task names separated by commas; choose from: {', '.join(names)}")
+    for name in wanted:
+        if name not in names:
+            raise UserError(f"--tasks: no task named '{name}'{did_you_mean(name, names)}; the tasks are: {', '.join(names)}")
+    return [n for n in names if n in wanted]
+
+
+def _task_names(recipe: Any) -> list[str]:
+    """Task names without loading data: the recipe's, or the dataset family's defaults."""
+    if recipe.tasks:
+        return [t.name for t in recipe.tasks]
+    from branchnas.data import get_family
+
+    family = get_family(recipe.data.dataset)
+    return [t.name for t in family.default_tasks(family.parse_options(recipe.data.options))]
+
+
+def build_single_task(recipe: Any, task: Any, in_channels: int, image_size: tuple[int, int]) -> Any:
+    """The untrained single-task model of ``task``: the recipe's backbone plus the task's head.
+
+    The initial weights depend only on the seed and the task's name, so a model starts the
+    same whichever other tasks are trained with it.
+    """
+    import torch
+
+    from branchnas.backbones import build_backbone
+    from branchnas.heads import build_head
+    from branchnas.training import SingleTaskModel, derive_seed
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(recipe.seed, STAGE, "init", task.name))
+        backbone = build_backbone(recipe.backbone, in_channels, image_size)
+        head = build_head(task, backbone.out_channels, backbone.reduction, image_size)
+    return SingleTaskModel(backbone, head, task.name)
+
+
+def run(
+    recipe: Any,
+    rundir: RunDir | str | Path,
+    *,
+    force: bool = False,
+    tasks: Sequence[str] | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Stage 1: train the single-task models that are not trained yet.
+
+    Args:
+        recipe: The resolved recipe.
+        rundir: The run directory.
+        force: Train again even if the inputs are unchanged (with ``tasks``: only those).
+        tasks: Train only these tasks; the stage is done once every task is.
+        progress: Show a progress bar.
+
+    Returns:
+        The stage's manifest entry with ``skipped``; ``entry["tasks"]`` lists the trained
+        tasks once the stage is done, and ``entry["missing"]`` the ones still to train.
+
+    Raises:
+        UserError: an unknown task in ``tasks``, bad data or a diverged training.
+    """
+    rundir = _rundir(rundir)
+    names = _task_names(recipe)
+    selected = _select(names, tasks)
+    config = stage_config(recipe)
+
+    def body(folder: Path) -> dict[str, Any]:
+        _train(recipe, folder, names, progress)
+        return _finish(folder, names)
+
+    if selected == names:
+        return rundir.run_stage(STAGE, config, [], body, force=force)
+    with rundir.locked():
+        fp = rundir.stage_fingerprint(STAGE, config, [])
+        entry = rundir.stage_entry(STAGE)
+        folder = rundir.path / STAGE
+        if not force and rundir.is_done(STAGE, fp):
+            return StageResult(entry or {}, skipped=True)
+        if entry is None or entry.get("fingerprint") != fp:
+            # Other inputs: the models already there are stale.
+            if folder.exists():
+                shutil.rmtree(folder)
+        if entry is None or entry.get("fingerprint") != fp or entry.get("status") != "running":
+            rundir.update_stage(STAGE, fingerprint=fp, config=config, depends=[], status="running",
+                                started=time.time(), outputs=[])
+        folder = rundir.stage_dir(STAGE)
+        if force:
+            for name in selected:
+                _task_file(folder, name).unlink(missing_ok=True)
+                (folder / "ckpt" / f"{name}.pt").unlink(missing_ok=True)
+        _train(recipe, folder, selected, progress)
+        missing = [n for n in names if not _task_file(folder, n).exists()]
+        if not missing:
+            # Everything is trained now: let run_stage finish the stage (it resumes the
+            # 'running' entry, finds every model and writes metrics.json).
+            return rundir.run_stage(STAGE, config, [], body, force=False)
+        _write_metrics(folder, [n for n in names if n not in missing])
+        entry = rundir.update_stage(STAGE, missing=missing)
+        return StageResult(entry, skipped=False)
+
+
+def _train(recipe: Any, folder: Path, names: Sequence[str], progress: bool) -> None:
+    """Train the models of ``names`` that have no ``<task>.pt`` yet and write their files."""
+    todo = [n for n in names if not _task_file(folder, n).exists()]
+    if not todo:
+        return
+    from branchnas.data import load_splits
+    from branchnas.training import Trainer, evaluate_models
+
+    splits, all_tasks = load_splits(recipe)
+    by_name = {t.name: t for t in all_tasks}
+    tasks = [by_name[n] for n in todo]
+    train = splits["train"]
+    models = {t.name: build_single_task(recipe, t, train.in_channels, train.image_size) for t in tasks}
+    cfg = recipe.pretrain
+    batch = recipe.data.batch_size
+    started = time.time()
+    ckpt = folder / "ckpt"
+    if cfg.concurrent:
+        trainer = Trainer(models, tasks, cfg, batch_size=batch, seed=recipe.seed, checkpoint=ckpt,
+                          augment=recipe.data.augment, desc=f"{STAGE} ({len(tasks)} models)", progress=progress)
+        results = trainer.fit(train, splits["val"])
+    else:
+        results = {}
+        for t in tasks:
+            trainer = Trainer({t.name: models[t.name]}, [t], cfg, batch_size=batch, seed=recipe.seed,
+                              checkpoint=ckpt, augment=recipe.data.augment, desc=f"{STAGE} {t.name}",
+                              progress=progress)
+            results.update(trainer.fit(train, splits["val"]))
+    seconds = time.time() - started
+    chance = chance_metrics(tasks, train, splits["test"], batch)
+    tests = evaluate_models([(models[t.name], [t]) for t in tasks], splits["test"], batch)
+    for t, test in zip(tasks, tests, strict=True):
+        model = models[t.name]
+        result = results[t.name]
+        # The validation metrics of the kept weights were measured when they were trained.
+        kept = result["best_val"] if cfg.patience > 0 and result["best_val"] else result["history"][-1]["val"]
+        val = kept[t.name]
+        test = test[t.name]
+        atomic_torch_save({
+            "task": t.name,
+            "task_spec": dataclasses.asdict(t),
+            "backbone": _cpu(model.backbone.state_dict()),
+            "head": _cpu(model.head.state_dict()),
+            "val": val,
+            "test": test,
+            "chance": chance[t.name],
+            "in_channels": train.in_channels,
+            "image_size": list(train.image_size),
+            "backbone_config": dataclasses.asdict(recipe.backbone),
+            "best_epoch": result["best_epoch"],
+            # the epoch whose weights these are: the best one when early stopping restored it
+            "weights_epoch": result["best_epoch"] if cfg.patience > 0 and result["best_epoch"] else result["epochs"],
+            "epochs": result["epochs"],
+            "stopped_early": result["stopped_early"],
+            "history": result["history"],
+            "seconds": round(seconds, 3),
+        }, _task_file(folder, t.name))
+        # The finished file supersedes the per-epoch checkpoint.
+        (ckpt / f"{t.name}.pt").unlink(missing_ok=True)
+
+
+def _cpu(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def _finish(folder: Path, names: Sequence[str]) -> dict[str, Any]:
+    _write_metrics(folder, names)
+    ckpt = folder / "ckpt"
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
+    outputs = [f"{STAGE}/{n}.pt" for n in names] + [f"{STAGE}/metrics.json"]
+    return {"outputs": outputs, "tasks": list(names), "missing": []}
+
+
+def _write_metrics(folder: Path, names: Sequence[str]) -> dict[str, Any]:
+    import torch
+
+    tasks = {}
+    for name in names:
+        saved = torch.load(_task_file(folder, name), map_location="cpu", weights_only=True)
+        spec = saved["task_spec"]
+        primary = _primary(spec)
+        tasks[name] = {
+            "kind": spec["kind"],
+            "metric": primary[0],
+            "higher_is_better": primary[1],
+            "val": saved["val"],
+            "test": saved["test"],
+            "chance": saved["chance"],
+            "best_epoch": saved["best_epoch"],
+            "weights_epoch": saved["weights_epoch"],
+            "epochs": saved["epochs"],
+        }
+    data = {"tasks": tasks}
+    atomic_write_json(folder / "metrics.json", data)
+    return data
+
+
+def _primary(spec: Mapping[str, Any]) -> tuple[str, bool]:
+    from branchnas.tasks import Task
+
+    task = Task(**spec)
+    return task.primary_metric, task.higher_is_better(task.primary_metric)
+
+
+def read_metrics(rundir: RunDir | str | Path) -> dict[str, Any]:
+    """``pretrain/metrics.json`` of a run directory.
+
+    Raises:
+        UserError: stage 1 has not written it yet.
+    """
+    path = _rundir(rundir).path / STAGE / "metrics.json"
+    if not path.exists():
+        raise UserError(f"{path} does not exist; run `branchnas pretrain` first")
+    return json.loads(path.read_text())
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """A plain-text table of the per-task metrics in ``metrics.json``'s form.
+
+    One row per task: kind, primary metric (↑ higher / ↓ lower is better), validation and
+    test values, the chance level on test (the best constant prediction) and the epoch whose
+    weights were kept (out of those trained).
+    """
+    from tabulate import tabulate
+
+    rows = []
+    for name, entry in metrics.get("tasks", {}).items():
+        metric = entry["metric"]
+        arrow = "↑" if entry["higher_is_better"] else "↓"
+        rows.append([
+            name, entry["kind"], f"{metric} {arrow}",
+            _fmt(entry["val"].get(metric)), _fmt(entry["test"].get(metric)),
+            _fmt(entry.get("chance", {}).get(metric)), f"{entry.get('weights_epoch', '-')}/{entry.get('epochs', '-')}",
+        ])
+    return tabulate(rows, headers=["task", "kind", "metric", "val", "test", "chance", "epoch"],
+                    tablefmt="simple", disable_numparse=True, colalign=("left", "left", "left", "right", "right", "right", "right"))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    value = float(value)
+    return "nan" if math.isnan(value) else f"{value:.4f}"
+
+
+def chance_metrics(tasks: Sequence[Any], train: Any, dataset: Any, batch_size: int) -> dict[str, dict[str, float]]:
+    """The metrics of the best *constant* prediction learned from ``train``, on ``dataset``.
+
+    The chance level a trained model must beat: the majority class (classification,
+    attribute, segmentation), every pixel an edge (edges: the best constant F-score), the
+    mean (regression, depth over valid pixels) or the mean direction (normals).
+    """
+    from branchnas.data import batches
+
+    stats: dict[str, dict[str, Any]] = {t.name: {} for t in tasks}
+    for _, targets in batches(train, batch_size, shuffle=False, seed=0, epoch=0, augment=False):
+        for t in tasks:
+            _accumulate(t, stats[t.name], targets[t.target])
+    constants = {t.name: _constant(t, stats[t.name]) for t in tasks}
+    meters = {t.name: t.meter() for t in tasks}
+    for images, targets in batches(dataset, batch_size, shuffle=False, seed=0, epoch=0, augment=False):
+        b, _, h, w = images.shape
+        for t in tasks:
+            c = constants[t.name]
+            if t.kind in ("classification", "regression"):
+                out = c.expand(b, -1)
+            elif t.kind == "attribute":
+                out = c.expand(b)
+            else:
+                out = c.view(1, -1, 1, 1).expand(b, -1, h, w)
+            meters[t.name].update(out, targets[t.target])
+    return {name: m.compute() for name, m in meters.items()}
+
+
+def _accumulate(task: Any, stat: dict[str, Any], target: Any) -> None:
+    import torch
+
+    kind = task.kind
+    if kind in ("classification", "segmentation"):
+        labels = target[target != 255] if kind == "segmentation" else target
+        counts = torch.bincount(labels.reshape(-1), minlength=task.num_classes)[: task.num_classes].double()
+        stat["sum"] = stat.get("sum", 0) + counts
+    elif kind in ("attribute", "edges"):
+        stat["sum"] = stat.get("sum", 0) + target.double().sum()
+        stat["count"] = stat.get("count", 0) + target.numel()
+    elif kind == "depth":
+        valid = target > 0
+        stat["sum"] = stat.get("sum", 0) + target[valid].double().sum()
+        stat["count"] = stat.get("count", 0) + int(valid.sum())
+    elif kind == "normals":
+        stat["sum"] = stat.get("sum", 0) + target.double().sum(dim=(0, 2, 3))
+    else:  # regression
+        stat["sum"] = stat.get("sum", 0) + target.double().sum(dim=0)
+        stat["count"] = stat.get("count", 0) + target.shape[0]
+
+
+def _constant(task: Any, stat: dict[str, Any]) -> Any:
+    """The constant head output of the best constant prediction, in the head's format."""
+    import torch
+
+    kind = task.kind
+    if kind in ("classification", "segmentation"):
+        counts = stat.get("sum", torch.ones(task.num_classes, dtype=torch.float64))
+        return torch.log(counts.float() + 1e-6).view(1, -1)  # argmax = the majority class
+    if kind == "attribute":
+        p = float(stat.get("sum", 0)) / max(1, stat.get("count", 0))
+        return torch.tensor([1.0 if p >= 0.5 else -1.0])  # the majority label (a meter reads the sign)
+    if kind == "edges":
+        # The best constant F-score marks every pixel an edge (precision p, recall 1).
+        return torch.tensor([1.0])
+    if kind == "depth":
+        return torch.tensor([float(stat.get("sum", 0)) / max(1, stat.get("count", 0))])
+    if kind == "normals":
+        mean = stat.get("sum", torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64))
+        return torch.nn.functional.normalize(mean.float(), dim=0)
+    total = stat.get("sum", torch.zeros(task.channels, dtype=torch.float64))
+    return (total / max(1, stat.get("count", 0))).float().view(1, -1)
+
+
+def load_single_task(recipe: Any, rundir: RunDir | str | Path, task: str) -> tuple[Any, Any]:
+    """Rebuild the trained single-task model of ``task``: ``(backbone, head)``, in eval mode.
+
+    Args:
+        recipe: The resolved recipe (its ``[backbone]`` section builds the encoder).
+        rundir: The run directory holding ``pretrain/``.
+        task: The task's name.
+
+    Raises:
+        UserError: no trained model for ``task``; the file does not fit the recipe's backbone.
+    """
+    import torch
+
+    from branchnas.backbones import build_backbone
+    from branchnas.heads import build_head
+    from branchnas.tasks import Task
+
+    folder = _rundir(rundir).path / STAGE
+    path = _task_file(folder, task)
+    if not path.exists():
+        have = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+        hint = did_you_mean(task, have) if have else ""
+        raise UserError(
+            f"no single-task model for task '{task}' in {folder}{hint}; run `branchnas pretrain` first"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    spec = Task(**saved["task_spec"])
+    image_size = tuple(saved["image_size"])
+    # The recipe's backbone section decides the architecture, except for the weights file:
+    # the trained weights replace whatever it would load.
+    cfg = dataclasses.replace(recipe.backbone, weights="")
+    backbone = build_backbone(cfg, int(saved["in_channels"]), image_size)
+    head = build_head(spec, backbone.out_channels, backbone.reduction, image_size)
+    try:
+        backbone.load_state_dict(saved["backbone"])
+        head.load_state_dict(saved["head"])
+    except RuntimeError:
+        raise UserError(
+            f"{path} does not fit the recipe's backbone ({recipe.backbone.name}); "
+            "run `branchnas pretrain --force` to train it again"
+        ) from None
+    return backbone.eval(), head.eval()

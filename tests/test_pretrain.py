@@ -1,0 +1,177 @@
+"""Stage 1 on tiny shapes data: artifacts, skipping, task subsets, loading, and a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from branchnas_cli.main import cli
+from click.testing import CliRunner
+
+from branchnas import pretrain
+from branchnas.errors import UserError
+from branchnas.recipe import load_recipe
+from branchnas.rundir import RunDir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; one keeps a busy CI machine from slowing them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+TINY = [
+    "data.num_train=48", "data.num_val=16", "data.num_test=16", "data.batch_size=16",
+    "data.options.size=16", "backbone.width=0.25", "pretrain.epochs=2",
+    "tasks=[{name='shape', kind='classification'}, {name='depth', kind='depth'}, {name='floor', kind='attribute'}]",
+]
+
+
+def tiny_recipe(out: Path, *extra: str):
+    return load_recipe(None, [*TINY, f"out={out}", *extra])
+
+
+def test_stage_writes_models_and_metrics(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    rundir = RunDir(recipe.run_dir)
+    result = pretrain.run(recipe, rundir, progress=False)
+    assert not result["skipped"] and result["status"] == "done"
+    folder = rundir.path / "pretrain"
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["depth.pt", "floor.pt", "shape.pt"]
+    assert not (folder / "ckpt").exists()  # per-epoch checkpoints go once the models are written
+    written = json.loads((folder / "metrics.json").read_text())
+    metrics = written["tasks"]
+    assert list(metrics) == ["shape", "depth", "floor"]
+    assert set(metrics["depth"]["test"]) == {"abs_err", "rmse"} and metrics["depth"]["metric"] == "abs_err"
+    assert metrics["shape"]["higher_is_better"] is True and 0 <= metrics["shape"]["val"]["accuracy"] <= 1
+    saved = torch.load(folder / "shape.pt", weights_only=True)
+    assert {"task", "backbone", "head", "val", "test"} <= set(saved) and saved["task"] == "shape"
+    assert saved["test"] == metrics["shape"]["test"]
+    # The rebuilt model reproduces the saved test accuracy.
+    from branchnas.data import load_splits
+    from branchnas.training import SingleTaskModel, evaluate
+
+    backbone, head = pretrain.load_single_task(recipe, rundir, "shape")
+    splits, tasks = load_splits(recipe)
+    model = SingleTaskModel(backbone, head, "shape")
+    assert evaluate(model, [tasks[0]], splits["test"], 16)["shape"] == pytest.approx(saved["test"])
+    table = pretrain.metrics_table(written)
+    assert "abs_err ↓" in table and "accuracy ↑" in table
+
+
+def test_rerun_skips_and_force_retrains(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    rundir = RunDir(recipe.run_dir)
+    pretrain.run(recipe, rundir, progress=False)
+    stamp = (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns
+    assert pretrain.run(recipe, rundir, progress=False)["skipped"]
+    assert (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns == stamp
+    assert not pretrain.run(recipe, rundir, force=True, progress=False)["skipped"]
+    assert (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns != stamp
+
+
+def test_task_subset_then_the_rest(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    rundir = RunDir(recipe.run_dir)
+    result = pretrain.run(recipe, rundir, tasks=["floor", "shape"], progress=False)
+    folder = rundir.path / "pretrain"
+    assert sorted(p.name for p in folder.glob("*.pt")) == ["floor.pt", "shape.pt"]
+    assert result["status"] == "running" and result["missing"] == ["depth"]
+    stamp = (folder / "shape.pt").stat().st_mtime_ns
+    result = pretrain.run(recipe, rundir, progress=False)
+    assert result["status"] == "done" and not result["skipped"]
+    assert (folder / "depth.pt").exists() and (folder / "shape.pt").stat().st_mtime_ns == stamp
+    # A model does not depend on which others were trained with it.
+    alone = tiny_recipe(tmp_path / "alone")
+    pretrain.run(alone, RunDir(alone.run_dir), progress=False)
+    for name in ("shape", "depth"):
+        a = torch.load(folder / f"{name}.pt", weights_only=True)
+        b = torch.load(alone.run_dir / "pretrain" / f"{name}.pt", weights_only=True)
+        for key in a["backbone"]:
+            assert torch.equal(a["backbone"][key], b["backbone"][key]), key
+
+
+def test_unknown_task_and_missing_model_are_user_errors(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    with pytest.raises(UserError, match="no task named 'shap' \\(did you mean 'shape'\\?\\)"):
+        pretrain.run(recipe, RunDir(recipe.run_dir), tasks=["shap"], progress=False)
+    with pytest.raises(UserError, match="run `branchnas pretrain` first"):
+        pretrain.load_single_task(recipe, RunDir(recipe.run_dir), "shape")
+
+
+def test_chance_metrics_are_those_of_the_best_constant():
+    from branchnas.data import TargetSpec, TensorDataset
+    from branchnas.tasks import Task
+
+    labels = np.array([0, 0, 0, 1, 2, 2])
+    data = TensorDataset(np.zeros((6, 1, 2, 2), np.uint8), {"c": labels, "r": np.arange(6, dtype=np.float32).reshape(6, 1)},
+                         {"c": TargetSpec("c", "classification", 3), "r": TargetSpec("r", "regression")},
+                         mean=(0.0,), std=(1.0,), can_flip=False, name="toy")
+    chance = pretrain.chance_metrics([Task("c", "classification", "c", 3), Task("r", "regression", "r")], data, data, 4)
+    assert chance["c"]["accuracy"] == pytest.approx(0.5)
+    assert chance["r"]["mae"] == pytest.approx(np.abs(np.arange(6) - 2.5).mean())
+
+
+def test_cli_help_and_bad_task(in_tmp):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["pretrain", "--help"])
+    assert result.exit_code == 0 and "--tasks" in result.output
+    from branchnas_cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["pretrain", *sum((["--set", s] for s in TINY), []), "--tasks", "dept"])
+    assert info.value.code == 2
+
+
+def _command(out: Path) -> list[str]:
+    sets = [*TINY, "data.num_train=192", "pretrain.epochs=3", f"out={out}"]
+    return [sys.executable, "-m", "branchnas", "pretrain", *sum((["--set", s] for s in sets), [])]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    # One thread: bitwise reproducibility across processes, and no oversubscribed cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_command(straight), env=env, check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen(_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / "shapes" / "pretrain" / "ckpt"
+    deadline = time.monotonic() + 240
+    try:
+        # The first epoch's checkpoints exist: the process is now inside epoch 2.
+        while len(list(ckpt.glob("*.pt"))) < 3:
+            assert proc.poll() is None, "the run ended before it could be killed; make it longer"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    states = {p.stem: torch.load(p, weights_only=True) for p in ckpt.glob("*.pt")}
+    assert max(s["epoch"] for s in states.values()) < 3, "the kill came after the last epoch"
+    assert not list((killed / "shapes" / "pretrain").glob("*.pt"))  # no model finished
+
+    rerun = subprocess.run(_command(killed), env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert "models and metrics in" in rerun.stdout
+    for name in ("shape", "depth", "floor"):
+        a = torch.load(straight / "shapes" / "pretrain" / f"{name}.pt", weights_only=True)
+        b = torch.load(killed / "shapes" / "pretrain" / f"{name}.pt", weights_only=True)
+        for part in ("backbone", "head"):
+            for key in a[part]:
+                assert torch.equal(a[part][key], b[part][key]), f"{name} {part}.{key}"
+        assert a["test"] == b["test"]
+        # Continued, not redone: the first epoch's record (its wall time) is the killed run's.
+        assert b["history"][0] == states[name]["history"][0]
+        timing = ("seconds", "images_per_s")
+        assert [b["history"][0][k] for k in timing] != [a["history"][0][k] for k in timing]
