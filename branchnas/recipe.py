@@ -78,7 +78,7 @@ class DataConfig:
         default_factory=list,
         metadata=_spec("[height, width] the images are resized to; [] keeps the dataset's size", length=(0, 2)),
     )
-    num_train: int = field(default=2000, metadata=_spec("training images (0 = all available)", min=0))
+    num_train: int = field(default=1600, metadata=_spec("training images (0 = all available)", min=0))
     num_val: int = field(default=500, metadata=_spec("validation images (0 = all available)", min=0))
     num_test: int = field(default=500, metadata=_spec("test images (0 = all available)", min=0))
     batch_size: int = field(default=64, metadata=_spec("images per batch", min=1))
@@ -129,6 +129,7 @@ class TrainConfig:
 class PretrainConfig(TrainConfig):
     """The ``[pretrain]`` section: one single-task model per task (stage 1)."""
 
+    epochs: int = field(default=5, metadata=_spec("training epochs", min=1))
     concurrent: bool = field(default=True, metadata=_spec("train the N single-task models together, sharing each batch"))
 
 
@@ -157,6 +158,7 @@ class SearchConfig:
 class FinetuneConfig(TrainConfig):
     """The ``[finetune]`` section: the branched network's multi-task fine-tuning (stage 4)."""
 
+    epochs: int = field(default=4, metadata=_spec("training epochs", min=1))
     lr: float = field(default=0.01, metadata=_spec("peak learning rate", min=0.0))
     variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused"))
     weighting: str = field(default="uniform", metadata=_choices("uniform", "uncertainty", "dwa", "rlw", "pcgrad"))
