@@ -112,8 +112,8 @@ def _compare(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any]:
         rows.append({
             "name": name, "kind": kind, "partitions": tree.named_partitions(),
             "params": report["params"], "flops": report["flops"],
-            "test": report["test"], "delta_mtl": delta_mtl(report["test"], baseline, tasks),
-            "delta_per_task": {t.name: delta_mtl(report["test"], baseline, [t]) for t in tasks},
+            "test": report["test"], "delta_mtl": delta_mtl(report["test"], baseline, tasks, undefined="nan"),
+            "delta_per_task": {t.name: delta_mtl(report["test"], baseline, [t], undefined="nan") for t in tasks},
             "note": "the chosen tree" if same else "",
         })
 

@@ -294,7 +294,7 @@ def single_task_metrics(rundir: RunDir, split: str = "test") -> dict[str, dict[s
 def _per_task_delta(metrics: Mapping[str, Any], baseline: Mapping[str, Any], tasks: Sequence[Task]) -> dict[str, float]:
     from branchnas.tasks import delta_mtl
 
-    return {t.name: delta_mtl(metrics, baseline, [t]) for t in tasks}
+    return {t.name: delta_mtl(metrics, baseline, [t], undefined="nan") for t in tasks}
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -365,8 +365,9 @@ def finetune_tree(
         "val": val,
         "test": test,
         "single_task": {"val": baseline_val, "test": baseline_test},
-        "delta_mtl": delta_mtl(test, baseline_test, tasks),
-        "delta_mtl_val": delta_mtl(val, baseline_val, tasks),
+        # NaN, not a crash, when a baseline metric is 0 (tiny data): the training is not lost.
+        "delta_mtl": delta_mtl(test, baseline_test, tasks, undefined="nan"),
+        "delta_mtl_val": delta_mtl(val, baseline_val, tasks, undefined="nan"),
         "delta_per_task": _per_task_delta(test, baseline_test, tasks),
         "weighting": recipe.finetune.weighting,
         "init": recipe.finetune.init,

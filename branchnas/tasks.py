@@ -627,6 +627,8 @@ def delta_mtl(
     metrics: Mapping[str, Mapping[str, float]],
     baseline: Mapping[str, Mapping[str, float]],
     tasks: Iterable[Task],
+    *,
+    undefined: str = "raise",
 ) -> float:
     """Multi-task performance Δ_MTL relative to single-task baselines, as a fraction.
 
@@ -641,9 +643,12 @@ def delta_mtl(
         metrics: ``{task: {metric: value}}`` of the multi-task model.
         baseline: ``{task: {metric: value}}`` of the single-task models.
         tasks: The tasks to average over.
+        undefined: What a baseline of 0 does (the relative change is undefined): ``"raise"``,
+            or ``"nan"`` to return NaN, so that a finished fine-tuning still writes its report.
 
     Raises:
-        UserError: A task's primary metric is missing from either mapping, or its baseline is 0.
+        UserError: A task's primary metric is missing from either mapping, or its baseline is 0
+            and ``undefined`` is ``"raise"``.
 
     Example:
         >>> delta_mtl({"a": {"accuracy": 0.9}}, {"a": {"accuracy": 0.8}}, [task_a])
@@ -662,6 +667,8 @@ def delta_mtl(
             values.append(float(source[task.name][metric]))
         value, base = values
         if base == 0:
+            if undefined == "nan":
+                return float("nan")
             raise UserError(
                 f"Δ_MTL: the single-task baseline of task '{task.name}' has {metric} = 0, "
                 f"so its relative change is undefined"

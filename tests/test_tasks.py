@@ -402,3 +402,14 @@ def test_delta_mtl_errors():
         delta_mtl({}, {"dep": {"abs_err": 1.0}}, tasks)
     with pytest.raises(UserError, match="abs_err = 0"):
         delta_mtl({"dep": {"abs_err": 1.0}}, {"dep": {"abs_err": 0.0}}, tasks)
+
+
+def test_delta_mtl_with_a_zero_baseline_can_return_nan_instead_of_raising():
+    import math
+
+    from branchnas.tasks import Task, delta_mtl
+
+    task = Task(name="a", kind="classification", target="a", num_classes=3)
+    assert math.isnan(delta_mtl({"a": {"accuracy": 0.5}}, {"a": {"accuracy": 0.0}}, [task], undefined="nan"))
+    with pytest.raises(UserError, match="baseline of task 'a' has accuracy = 0"):
+        delta_mtl({"a": {"accuracy": 0.5}}, {"a": {"accuracy": 0.0}}, [task])
