@@ -120,7 +120,7 @@ def test_npz_missing_pieces(tmp_path, make_recipe):
 
 def test_sizes_larger_than_the_data_are_refused(tmp_path, make_recipe):
     root = _save(tmp_path, **_npz_arrays())
-    with pytest.raises(DataError, match=r"num_train=2000 \+ num_val=500 \+ num_test=500 needs more images than data\.npz holds \(20\)"):
+    with pytest.raises(DataError, match=r"num_train=1600 \+ num_val=500 \+ num_test=500 needs more images than data\.npz holds \(20\)"):
         load_splits(make_recipe("arrays", root=root, tasks=TASKS))
 
 
