@@ -7,6 +7,8 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# As the CLI does: OpenMP threads that spin while waiting slow torch several-fold on a busy CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture
