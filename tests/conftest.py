@@ -9,6 +9,10 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 # As the CLI does: OpenMP threads that spin while waiting slow torch several-fold on a busy CPU.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One process per core (pytest -n 2): each worker and its subprocesses use one thread,
+    # so the workers don't fight over the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
