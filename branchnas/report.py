@@ -124,9 +124,9 @@ def _models(rundir: RunDir, finetune: Mapping[str, Any] | None, extremes: Mappin
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
 def _f(value: Any) -> str:
