@@ -111,7 +111,7 @@ def _models(args, recipe, rundir, tasks, data):
     names = [t.name for t in tasks]
     size = tuple(data.image_size)
     if rundir is not None and (rundir.path / "pretrain").exists() and args.run:
-        from branchnas.pretrain import load_single_task
+        from branchnas.stages.pretrain import load_single_task
 
         pairs = {n: load_single_task(recipe, rundir, n) for n in names}
         backbones = {n: pairs[n][0] for n in names}

@@ -115,10 +115,10 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from branchnas.finetune import finetune_tree
     from branchnas.finetune import stage_config as finetune_config
     from branchnas.pipeline import run_pipeline
-    from branchnas.pretrain import read_metrics
     from branchnas.recipe import load_recipe
     from branchnas.rundir import fingerprint
     from branchnas.search import search
+    from branchnas.stages.pretrain import read_metrics
     from branchnas.tree import Tree
 
     recipe = load_recipe(ROOT / "recipes" / f"{name}.toml", recipe_overrides(args, name))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from branchnas.errors import BudgetError
 
-__all__ = ["parse_budget", "is_relative", "format_count", "METRICS"]
+__all__ = ["Budget", "parse_budget", "is_relative", "format_count", "METRICS"]
 
 METRICS = ("params", "flops")
 
@@ -65,10 +66,55 @@ def parse_budget(text: str | int | float, reference: float | None = None) -> int
         if not match:
             raise BudgetError(f"budget: expected {_FORMS}; got {text!r}")
         mantissa, exponent, suffix = match.groups()
-        value = float(mantissa) * (10 ** int(exponent) if exponent else 1) * _SUFFIX[suffix]
+        try:
+            value = float(f"{mantissa}e{exponent or 0}") * _SUFFIX[suffix]
+        except OverflowError:  # an exponent too large for a float: as good as infinite
+            value = math.inf
     if not math.isfinite(value) or value <= 0:
-        raise BudgetError(f"budget: expected a positive number; got {text!r}")
+        raise BudgetError(f"budget: expected a positive, finite number; got {text!r}")
     return int(value)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget: an absolute count, or a share of the all-separate size.
+
+    The recipe keeps the budget as text (``search.budget``); this is that text parsed once,
+    the form every consumer uses. ``Budget.parse("")`` is ``None`` (no limit).
+
+    Example:
+        >>> Budget.parse("50%").resolve(2_000_000)
+        1000000
+        >>> Budget.parse("2.5M").resolve(9e9)
+        2500000
+    """
+
+    text: str
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: str | int | float | None) -> Budget | None:
+        """Parse ``text`` (see :func:`parse_budget`); ``None`` or ``""`` mean no limit.
+
+        Raises:
+            BudgetError: the text is not one of the accepted forms.
+        """
+        if text is None or (isinstance(text, str) and not text.strip()):
+            return None
+        if is_relative(text):
+            parse_budget(text)  # validates the range
+            return cls(str(text).strip(), float(str(text).strip()[:-1]), True)
+        return cls(str(text).strip(), float(parse_budget(text)), False)
+
+    def resolve(self, all_separate: float) -> int:
+        """The budget as a count; a share is taken of ``all_separate`` (N separate networks)."""
+        if self.relative:
+            return int(self.value / 100 * all_separate)
+        return int(self.value)
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def format_count(value: float, digits: int = 3) -> str:

@@ -20,14 +20,12 @@ under ``compare/`` (resumable), so the models differ only in their tree. Artifac
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from branchnas.errors import UserError
-from branchnas.rundir import RunDir, StageResult, atomic_write_json, atomic_write_text
+from branchnas.rundir import RunDir
 from branchnas.tree import Partition, Tree, canonical_partition
 
 if TYPE_CHECKING:
@@ -35,54 +33,25 @@ if TYPE_CHECKING:
     from branchnas.recipe import Recipe
 
 __all__ = [
-    "stage_config",
-    "run",
+    "compare_trees",
     "random_trees_of_similar_size",
     "random_chain",
     "comparison_table",
-    "load_comparison",
+    "comparison_markdown",
 ]
 
 #: Trees enumerated at most before sampling takes over (N tasks and D blocks grow fast).
 ENUMERATION_LIMIT = 200_000
 
 
-def stage_config(recipe: Recipe) -> dict[str, Any]:
-    """What ``compare`` depends on: the fine-tuning configuration and the number of random trees."""
-    from branchnas import finetune
-
-    return finetune.stage_config(recipe) | {"compare_random": recipe.finetune.compare_random}
-
-
-def run(recipe: Recipe, rundir: RunDir, *, force: bool = False) -> StageResult:
-    """Fine-tune the comparison models and write ``compare/compare.json`` and ``compare.md``.
-
-    Runs the pipeline up to stage 4 first (skipping what is done); the chosen tree's
-    fine-tuned model is stage 4's.
-
-    Returns:
-        The manifest entry of ``compare`` (``skipped`` when already done); the comparison
-        itself is read with :func:`load_comparison` and shown with :func:`comparison_table`.
-    """
-    from branchnas import finetune
-
-    finetune.run(recipe, rundir)
-
-    def body(folder: Path) -> dict[str, Any]:
-        data = _compare(recipe, rundir, folder)
-        atomic_write_json(folder / "compare.json", data)
-        atomic_write_text(folder / "compare.md", _markdown(data))
-        return {"outputs": ["compare/compare.json", "compare/compare.md"], "models": len(data["rows"])}
-
-    return rundir.run_stage("compare", stage_config(recipe), ["pretrain", "search", "finetune"], body, force=force)
-
-
-def _compare(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any]:
+def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any]:
     from branchnas.data import load_splits
-    from branchnas.finetune import finetune_tree, load_ranked, single_task_metrics
+    from branchnas.finetune import finetune_tree, single_task_metrics
+    from branchnas.stages.finetune import read_report
+    from branchnas.stages.search import read_ranked
     from branchnas.tasks import delta_mtl
 
-    chosen = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    chosen = read_report(rundir)
     chosen_tree = Tree.from_json(chosen["tree"])
     splits, tasks = load_splits(recipe)
     names = [t.name for t in tasks]
@@ -120,7 +89,7 @@ def _compare(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any]:
     add("all-shared", "all-shared", shared)
     add("chosen", "chosen", chosen_tree)
     # With search.top > 1 the search ranks several trees; the runners-up are compared too.
-    for rank, tree in enumerate(load_ranked(rundir.path / "search" / "tree.json")[1:], 2):
+    for rank, tree in enumerate(read_ranked(rundir)[1:], 2):
         add(f"rank-{rank}", "ranked", tree)
     count = recipe.finetune.compare_random
     if count:
@@ -143,12 +112,10 @@ def _compare(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any]:
 
 def _costs(recipe: Recipe, rundir: RunDir) -> BlockCosts:
     """The cost model the search used (``search/tree.json``), else the recipe's, measured now."""
-    from branchnas.cost import BlockCosts, recipe_costs
+    from branchnas.cost import recipe_costs
+    from branchnas.stages.search import read_block_costs
 
-    data = json.loads((rundir.path / "search" / "tree.json").read_text())
-    if "block_costs" in data:
-        return BlockCosts.from_dict(data["block_costs"])
-    return recipe_costs(recipe)[0]
+    return read_block_costs(rundir) or recipe_costs(recipe)[0]
 
 
 # --------------------------------------------------------------------------- random trees
@@ -255,6 +222,7 @@ def comparison_table(data: Mapping[str, Any], markdown: bool = False) -> str:
     from tabulate import tabulate
 
     from branchnas.budget import format_count
+    from branchnas.tasks import format_delta
 
     tasks = data["tasks"]
     headers = ["model", "#params", "FLOPs"]
@@ -264,14 +232,14 @@ def comparison_table(data: Mapping[str, Any], markdown: bool = False) -> str:
     for row in data["rows"]:
         cells = [row["name"], format_count(row["params"]), format_count(row["flops"])]
         cells += [f"{row['test'][t['name']][t['metric']]:.4f}" for t in tasks]
-        cells.append(f"{100 * row['delta_mtl']:+.2f}")
+        cells.append(format_delta(row['delta_mtl'], percent=""))
         rows.append(cells)
     align = ("left",) + ("right",) * (len(headers) - 1)
     return tabulate(rows, headers=headers, tablefmt="github" if markdown else "simple",
                     disable_numparse=True, colalign=align)
 
 
-def _markdown(data: Mapping[str, Any]) -> str:
+def comparison_markdown(data: Mapping[str, Any]) -> str:
     lines = [
         "# branchnas compare",
         "",
@@ -294,11 +262,3 @@ def _markdown(data: Mapping[str, Any]) -> str:
 def _describe(partitions: Sequence[Sequence[Sequence[str]]]) -> str:
     """A tree on one line: groups in braces, branch points separated by ``|``."""
     return " | ".join(" ".join("{" + ",".join(g) + "}" for g in part) for part in partitions)
-
-
-def load_comparison(rundir: RunDir) -> dict[str, Any]:
-    """``compare/compare.json`` of a run."""
-    path = rundir.path / "compare" / "compare.json"
-    if not path.exists():
-        raise UserError(f"{path} does not exist; run `branchnas compare` first")
-    return json.loads(path.read_text())

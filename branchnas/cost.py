@@ -17,6 +17,11 @@ The size of a tree whose partition at branch point d has ``n_d`` groups is (pape
 
     size = stem + sum_d n_d * block_d + sum_t head_t
 
+The tree search uses the same :class:`BlockCosts`: :meth:`BlockCosts.coerce` reads block
+costs from a ``BlockCosts``, a mapping with its fields or a plain list of block sizes, and
+:meth:`BlockCosts.sizes` gives the sizes of many trees at once in float64. torch is imported
+only by the functions that measure modules, so the search library runs without it.
+
 Example:
     >>> costs = block_costs(backbone, heads, (32, 32))
     >>> costs.size([1, 2, 3], "params")        # D = 3: all shared, then 2, then 3 groups
@@ -26,22 +31,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor, nn
+import numpy as np
 
-from branchnas.backbones._base import as_image_size
 from branchnas.budget import METRICS
 from branchnas.errors import UserError, unknown_choice
 
 if TYPE_CHECKING:
+    from torch import Tensor, nn
+
     from branchnas.backbones import Backbone
 
-__all__ = ["BlockCosts", "block_costs", "count_params", "count_flops"]
+__all__ = ["ALL_HEADS", "BlockCosts", "as_count", "block_costs", "count_params", "count_flops"]
+
+#: The head key of a :meth:`BlockCosts.coerce` result whose heads were given as one total.
+ALL_HEADS = "*"
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +98,9 @@ def count_flops(module: nn.Module, inputs: Tensor | tuple[Any, ...]) -> int:
         inputs: One tensor or a tuple of forward arguments. FLOPs scale with the batch
             size, so pass a batch of one for per-image costs.
     """
-    if isinstance(inputs, Tensor):
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
     with _eval_mode(module), torch.no_grad():
         analysis = _fvcore().FlopCountAnalysis(module, inputs)
@@ -103,27 +114,35 @@ def count_flops(module: nn.Module, inputs: Tensor | tuple[Any, ...]) -> int:
     return total
 
 
+def as_count(value: float) -> int | float:
+    """An int when the value is integral (sizes are counts), else the float."""
+    value = float(value)
+    return int(value) if value.is_integer() and abs(value) < 2**63 else value
+
+
 @dataclass(frozen=True)
 class BlockCosts:
     """Parameters and FLOPs (fvcore: one multiply-add = one flop) of a backbone's parts.
 
-    FLOPs are per image at the image size given to :func:`block_costs`.
+    FLOPs are per image at the image size given to :func:`block_costs`. Measured costs are
+    ints; :meth:`coerce` keeps a non-integral given cost as a float.
 
     Attributes:
         stem_params: Parameters of the stem.
         stem_flops: FLOPs of the stem.
         block_params: Parameters of each block (length D).
         block_flops: FLOPs of each block (length D).
-        head_params: Parameters of each task's head.
-        head_flops: FLOPs of each task's head.
+        head_params: Parameters of each task's head (or, from :meth:`coerce`, their total
+            under the key :data:`ALL_HEADS`).
+        head_flops: FLOPs of each task's head (likewise).
     """
 
-    stem_params: int
-    stem_flops: int
-    block_params: tuple[int, ...]
-    block_flops: tuple[int, ...]
-    head_params: dict[str, int]
-    head_flops: dict[str, int]
+    stem_params: int | float
+    stem_flops: int | float
+    block_params: tuple[int | float, ...]
+    block_flops: tuple[int | float, ...]
+    head_params: dict[str, int | float]
+    head_flops: dict[str, int | float]
 
     def __post_init__(self) -> None:
         if len(self.block_params) != len(self.block_flops):
@@ -131,19 +150,77 @@ class BlockCosts:
         if set(self.head_params) != set(self.head_flops):
             raise ValueError(f"heads {sorted(self.head_params)} have params but {sorted(self.head_flops)} have flops")
 
+    @classmethod
+    def coerce(cls, costs: Any, num_points: int | None = None, tasks: Sequence[str] | None = None) -> BlockCosts:
+        """Read and check block costs from a ``BlockCosts``, a mapping, or a plain array.
+
+        Args:
+            costs: a :class:`BlockCosts`, or any object or mapping with ``stem_params``,
+                ``stem_flops``, ``block_params`` (D,), ``block_flops`` (D,), ``head_params``
+                and ``head_flops`` (per-task dicts or totals; missing fields count 0; no
+                ``block_flops`` means the same as ``block_params``); or a plain length-D
+                sequence of per-block sizes, used for both params and FLOPs with no stem
+                or heads.
+            num_points: the expected D (checked when given).
+            tasks: the task names; per-task heads are restricted to these (all entries
+                when ``None``).
+
+        Returns:
+            A new :class:`BlockCosts` whose head costs sum to those of ``tasks``. Heads given
+            as totals (or as dicts over different tasks for params and FLOPs) are held as
+            one total each, under the key :data:`ALL_HEADS`.
+
+        Raises:
+            UserError: a field has the wrong length, is negative or not finite, or a task
+                has no head cost.
+
+        Example:
+            >>> BlockCosts.coerce([5, 6]).size([2, 1], "flops")
+            16
+        """
+        if isinstance(costs, Mapping) or hasattr(costs, "block_params"):
+            get = costs.get if isinstance(costs, Mapping) else (lambda k, default=None: getattr(costs, k, default))
+            if get("block_params") is None:
+                raise UserError("block costs: expected a 'block_params' field (one value per branch point)")
+            bp = _vector("block_params", get("block_params"))
+            bf = _vector("block_flops", get("block_flops")) if get("block_flops") is not None else bp
+            stem_params = _scalar("stem_params", get("stem_params", 0) or 0)
+            stem_flops = _scalar("stem_flops", get("stem_flops", 0) or 0)
+            head_params = _heads("head_params", get("head_params", 0) or 0, tasks)
+            head_flops = _heads("head_flops", get("head_flops", 0) or 0, tasks)
+            if set(head_params) != set(head_flops):
+                # Sizes only need the sums; keeping them as totals keeps the heads consistent.
+                head_params, head_flops = _total_head(head_params), _total_head(head_flops)
+        else:
+            bp = bf = _vector("block costs", costs)
+            stem_params = stem_flops = 0.0
+            head_params, head_flops = {}, {}
+        if len(bp) != len(bf):
+            raise UserError(f"block costs: block_params has {len(bp)} entries but block_flops has {len(bf)}")
+        if num_points is not None and len(bp) != num_points:
+            raise UserError(
+                f"block costs: expected one cost per branch point ({num_points}); got {len(bp)}; "
+                "the affinity and the backbone must use the same branch points"
+            )
+        return cls(
+            as_count(stem_params), as_count(stem_flops),
+            tuple(as_count(v) for v in bp), tuple(as_count(v) for v in bf),
+            head_params, head_flops,
+        )
+
     @property
     def num_blocks(self) -> int:
         """D, the number of branch points."""
         return len(self.block_params)
 
-    def _parts(self, metric: str) -> tuple[int, tuple[int, ...], dict[str, int]]:
+    def _parts(self, metric: str) -> tuple[int | float, tuple[int | float, ...], dict[str, int | float]]:
         if metric == "params":
             return self.stem_params, self.block_params, self.head_params
         if metric == "flops":
             return self.stem_flops, self.block_flops, self.head_flops
         raise UserError(unknown_choice("cost metric", metric, METRICS))
 
-    def size(self, partition_counts: Sequence[int], metric: str = "params") -> int:
+    def size(self, partition_counts: Sequence[int], metric: str = "params") -> int | float:
         """Size of a tree: ``stem + sum_d n_d * block_d + sum_t head_t``.
 
         Args:
@@ -166,7 +243,36 @@ class BlockCosts:
             raise ValueError(f"every partition has at least one group; got counts {counts}")
         return stem + sum(int(n) * b for n, b in zip(counts, blocks, strict=True)) + sum(heads.values())
 
-    def single_task(self, task: str, metric: str = "params") -> int:
+    def affine(self, metric: str) -> tuple[float, np.ndarray]:
+        """The size as an affine function of the group counts, in float64.
+
+        Returns:
+            ``(stem + sum of the heads, block sizes (D,))``: a tree with counts ``n`` has size
+            ``fixed + n @ blocks``. :meth:`sizes` and the search engines use these same
+            numbers, so that sizes computed in different places compare exactly.
+
+        Raises:
+            UserError: unknown metric.
+        """
+        stem, blocks, heads = self._parts(metric)
+        return float(stem) + sum(float(v) for v in heads.values()), np.asarray(blocks, dtype=np.float64)
+
+    def sizes(self, counts: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Params and FLOPs (float64) of many trees at once.
+
+        Args:
+            counts: a ``(C, D)`` array; row ``c`` holds the group counts of one tree. Not
+                checked (the search calls this on its own tables).
+
+        Returns:
+            ``(params, flops)``, each of shape ``(C,)``.
+        """
+        counts = np.asarray(counts, dtype=np.float64)
+        fixed_params, block_params = self.affine("params")
+        fixed_flops, block_flops = self.affine("flops")
+        return fixed_params + counts @ block_params, fixed_flops + counts @ block_flops
+
+    def single_task(self, task: str, metric: str = "params") -> int | float:
         """Size of the single-task model of ``task``: stem, every block once and its head."""
         stem, blocks, heads = self._parts(metric)
         if task not in heads:
@@ -197,6 +303,42 @@ class BlockCosts:
         )
 
 
+def _vector(name: str, value: Any) -> tuple[float, ...]:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise UserError(f"block costs: {name} must be a list with one number per branch point; got shape {arr.shape}")
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise UserError(f"block costs: {name} must be finite and non-negative; got {arr.tolist()}")
+    return tuple(float(x) for x in arr)
+
+
+def _scalar(name: str, value: Any) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"block costs: {name} must be finite and non-negative; got {value}")
+    return value
+
+
+def _heads(name: str, value: Any, tasks: Sequence[str] | None) -> dict[str, int | float]:
+    """Per-task head costs (only ``tasks`` when given), or a total; checked on their sum."""
+    if isinstance(value, Mapping) and set(value) == {ALL_HEADS}:
+        value = value[ALL_HEADS]  # a total held by an earlier coerce: coercing again keeps it
+    if isinstance(value, Mapping):
+        if tasks is not None:
+            missing = [t for t in tasks if t not in value]
+            if missing:
+                raise UserError(f"block costs: {name} has no entry for task {missing[0]!r}; it has: {', '.join(map(str, value))}")
+            value = {t: value[t] for t in tasks}
+        _scalar(name, sum(float(v) for v in value.values()))
+        return {k: as_count(float(v)) for k, v in value.items()}
+    total = _scalar(name, value)
+    return {ALL_HEADS: as_count(total)} if total else {}
+
+
+def _total_head(heads: Mapping[str, int | float]) -> dict[str, int | float]:
+    return {ALL_HEADS: as_count(sum(float(v) for v in heads.values()))}
+
+
 def block_costs(
     backbone: Backbone,
     heads: Mapping[str, nn.Module],
@@ -218,6 +360,10 @@ def block_costs(
     Returns:
         The :class:`BlockCosts` (FLOPs per image; fvcore counts a multiply-add as one flop).
     """
+    import torch
+
+    from branchnas.backbones._base import as_image_size
+
     size = as_image_size(image_size)
     channels = backbone.in_channels if in_channels is None else in_channels
     first = next(backbone.parameters(), None)

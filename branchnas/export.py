@@ -1,4 +1,4 @@
-"""Stage 6: export the fine-tuned network as a self-describing TorchScript file.
+"""Stage 6 library: export the fine-tuned network as a self-describing TorchScript file.
 
 The file is ``torch.jit.script(net)`` saved with one extra file, ``branchnas.json``, that
 holds what a user of the file needs and cannot see in the weights: the task names, kinds and
@@ -19,7 +19,6 @@ is the user's guide to the file.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import io
 import json
@@ -36,18 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from branchnas.errors import ExportMismatch, UserError, unknown_choice
-from branchnas.rundir import RunDir, StageResult
 
 if TYPE_CHECKING:
-    from branchnas.recipe import Recipe
+    pass
 
 __all__ = [
     "FORMATS",
     "METADATA_FILE",
     "METADATA_FORMAT",
-    "stage_config",
-    "run",
-    "default_output",
     "build_metadata",
     "export_model",
     "read_metadata",
@@ -111,60 +106,6 @@ torch.save(outputs, outputs_path)
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 print(json.dumps({"metadata": meta, "leaked": leaked, "torch": torch.__version__}))
 """
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def stage_config(recipe: Recipe) -> dict[str, Any]:
-    """The part of the recipe that stage 6 depends on: the ``[export]`` section."""
-    return {"export": dataclasses.asdict(recipe.export)}
-
-
-def default_output(recipe: Recipe, rundir: RunDir) -> Path:
-    """``export.output``, or ``<run dir>/export/model.pt`` (``model.onnx`` for ONNX)."""
-    if recipe.export.output:
-        return Path(recipe.export.output)
-    suffix = ".onnx" if recipe.export.format == "onnx" else ".pt"
-    return rundir.path / "export" / f"model{suffix}"
-
-
-def run(recipe: Recipe, rundir: RunDir, *, force: bool = False, output: str | Path | None = None) -> StageResult:
-    """Export the fine-tuned network of stage 4 (running earlier stages if needed).
-
-    Args:
-        recipe: The resolved recipe (``[export]``: format, output, check, atol).
-        rundir: The run directory.
-        force: Export again even if nothing changed.
-        output: The file to write; default :func:`default_output`.
-
-    Returns:
-        The stage's manifest entry, with ``path``, ``format`` and ``max_abs_diff``.
-    """
-    from branchnas.finetune import load_checkpoint_info, load_finetuned
-    from branchnas.pipeline import ensure
-
-    if recipe.export.format not in FORMATS:
-        raise UserError(unknown_choice("export format", recipe.export.format, FORMATS))
-    ensure(recipe, rundir, before="export")
-    target = Path(output) if output is not None else default_output(recipe, rundir)
-    target = target.resolve()
-    config = stage_config(recipe) | {"output": str(target)}
-
-    def body(folder: Path) -> dict[str, Any]:
-        net = load_finetuned(recipe, rundir)
-        info = load_checkpoint_info(rundir.path / "finetune" / "model.pt")
-        metadata = build_metadata(net, info)
-        result = export_model(net, target, metadata, format=recipe.export.format,
-                              check=recipe.export.check, atol=recipe.export.atol)
-        try:
-            shown = str(target.relative_to(rundir.path.resolve()))
-        except ValueError:
-            shown = str(target)
-        return {"outputs": [shown], "path": str(target), "format": recipe.export.format,
-                "max_abs_diff": result["max_abs_diff"], "checked": result["checked"]}
-
-    return rundir.run_stage("export", config, ["finetune"], body, force=force)
 
 
 # --------------------------------------------------------------------------- metadata

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from branchnas.errors import NotAvailableYet, UserError
-from branchnas.rundir import RunDir, StageResult, atomic_torch_save, atomic_write_json
+from branchnas.rundir import RunDir, atomic_torch_save, atomic_write_json
 
 if TYPE_CHECKING:
     from branchnas.models import BranchedNet
@@ -40,11 +40,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODEL_FORMAT",
-    "stage_config",
-    "run",
+    "check_variant",
     "finetune_tree",
     "build_branched",
-    "load_finetuned",
     "load_model_file",
     "load_checkpoint_info",
     "rebuild",
@@ -59,57 +57,8 @@ __all__ = [
 #: ``format`` field of ``finetune/model.pt``; bump it when the layout changes.
 MODEL_FORMAT = "branchnas.branched/1"
 
-#: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_random`` is read
-#: only by ``branchnas compare``, ``device`` says where it runs (as in stage 1).
-_NOT_FINGERPRINTED = ("compare_random", "device")
-
-
-def stage_config(recipe: Recipe) -> dict[str, Any]:
-    """The part of the recipe that stage 4 depends on.
-
-    The data, tasks and backbone reach it through the fingerprints of pretrain and search;
-    the batch size, augmentation, task weights and seed are read again here.
-    """
-    finetune = {k: v for k, v in dataclasses.asdict(recipe.finetune).items() if k not in _NOT_FINGERPRINTED}
-    return {
-        "finetune": finetune,
-        "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
-        "batch_size": recipe.data.batch_size,
-        "augment": recipe.data.augment,
-        "seed": recipe.seed,
-    }
-
-
-def run(recipe: Recipe, rundir: RunDir, *, force: bool = False) -> StageResult:
-    """Fine-tune the tree of ``search/tree.json`` (running earlier stages if needed).
-
-    Args:
-        recipe: The resolved recipe.
-        rundir: The run directory.
-        force: Redo the stage even if its inputs are unchanged.
-
-    Returns:
-        The stage's manifest entry (``skipped`` when it was already done).
-    """
-    from branchnas.pipeline import ensure
-
-    _check_variant(recipe)
-    ensure(recipe, rundir, before="finetune")
-
-    def body(folder: Path) -> dict[str, Any]:
-        tree = load_tree(rundir.path / "search" / "tree.json")
-        report = finetune_tree(recipe, rundir, tree, folder, desc="finetune")
-        return {
-            "outputs": ["finetune/model.pt", "finetune/report.json"],
-            "delta_mtl": report["delta_mtl"],
-            "params": report["params"],
-            "flops": report["flops"],
-        }
-
-    return rundir.run_stage("finetune", stage_config(recipe), ["pretrain", "search"], body, force=force)
-
-
-def _check_variant(recipe: Recipe) -> None:
+def check_variant(recipe: Recipe) -> None:
+    """Only the plain variant is built so far."""
     if recipe.finetune.variant != "plain":
         raise NotAvailableYet(
             f"finetune.variant '{recipe.finetune.variant}' is not available yet; use 'plain'"
@@ -170,7 +119,7 @@ def build_branched(
             :meth:`branchnas.models.BranchedNet.from_single_task`.
     """
     from branchnas.models import BranchedNet, tree_chain
-    from branchnas.pretrain import load_single_task
+    from branchnas.stages.pretrain import load_single_task
 
     names = tree_chain(tree)[0]
     backbones, heads = {}, {}
@@ -184,13 +133,10 @@ def build_branched(
 
 def _affinity(rundir: RunDir, names: Sequence[str]) -> Any:
     """The affinity tensor of stage 2, reordered to ``names``."""
-    import numpy as np
+    from branchnas.stages.affinity import read_affinity
 
-    path = rundir.path / "affinity" / "affinity.npz"
-    if not path.exists():
-        raise UserError(f"{path} does not exist; run `branchnas affinity` first (init 'central' needs it)")
-    with np.load(path, allow_pickle=False) as data:
-        affinity, tasks = data["affinity"], [str(t) for t in data["tasks"]]
+    saved = read_affinity(rundir)
+    affinity, tasks = saved["affinity"], list(saved["tasks"])
     order = [tasks.index(n) for n in names]
     return affinity[:, order][:, :, order]
 
@@ -246,26 +192,28 @@ def rebuild(checkpoint: Mapping[str, Any]) -> BranchedNet:
     return net.eval()
 
 
-def load_finetuned(recipe: Recipe, rundir: RunDir) -> BranchedNet:
-    """The fine-tuned network of stage 4 (``finetune/model.pt``), in eval mode on the CPU."""
-    return load_model_file(rundir.path / "finetune" / "model.pt")
-
-
 def load_model_file(path: str | Path) -> BranchedNet:
     """Rebuild the network saved in a ``model.pt`` of stage 4 or of ``branchnas compare``."""
-    import torch
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; run `branchnas finetune` first")
-    return rebuild(torch.load(path, map_location="cpu", weights_only=True))
+    return rebuild(_load(path))
+
+
+def _load(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign: torch raises several types
+        raise UserError(f"{path} is damaged ({type(err).__name__}); run `branchnas finetune --force` "
+                        "to rebuild it") from None
 
 
 def load_checkpoint_info(path: str | Path) -> dict[str, Any]:
     """Everything in a ``model.pt`` but the weights (tasks, input size, normalisation, tree)."""
-    import torch
-
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    data = _load(Path(path))
     return {k: v for k, v in data.items() if k != "state_dict"}
 
 
@@ -285,7 +233,7 @@ def model_cost(net: BranchedNet, in_channels: int, image_size: Sequence[int]) ->
 
 def single_task_metrics(rundir: RunDir, split: str = "test") -> dict[str, dict[str, float]]:
     """The stage-1 metrics ``{task: {metric: value}}`` on ``split`` (``pretrain/metrics.json``)."""
-    from branchnas.pretrain import read_metrics
+    from branchnas.stages.pretrain import read_metrics
 
     tasks = read_metrics(rundir)["tasks"]
     return {name: {k: float(v) for k, v in entry[split].items()} for name, entry in tasks.items()}
@@ -333,7 +281,7 @@ def finetune_tree(
     from branchnas.training import Trainer, evaluate
     from branchnas.weighting import get_weighting
 
-    _check_variant(recipe)
+    check_variant(recipe)
     out_dir = Path(out_dir)
     report_path, model_path = out_dir / "report.json", out_dir / "model.pt"
     if report_path.exists() and model_path.exists():
@@ -388,6 +336,7 @@ def report_table(report: Mapping[str, Any]) -> str:
     from tabulate import tabulate
 
     from branchnas.budget import format_count
+    from branchnas.tasks import format_delta
 
     rows = []
     for task in report["tasks"]:
@@ -397,13 +346,13 @@ def report_table(report: Mapping[str, Any]) -> str:
             name, f"{metric} {arrow}",
             _fmt(report["single_task"]["test"][name][metric]),
             _fmt(report["test"][name][metric]),
-            f"{100 * report['delta_per_task'][name]:+.2f}",
+            format_delta(report['delta_per_task'][name], percent=""),
         ])
     table = tabulate(rows, headers=["task", "metric", "single-task", "branched", "Δ (%)"],
                      tablefmt="simple", disable_numparse=True, colalign=("left", "left", "right", "right", "right"))
     footer = (
         f"params {format_count(report['params'])}   FLOPs {format_count(report['flops'])} (fvcore, per image)   "
-        f"Δ_MTL {100 * report['delta_mtl']:+.2f}% (test)"
+        f"Δ_MTL {format_delta(report['delta_mtl'])} (test)"
     )
     return f"{table}\n{footer}"
 

@@ -1,47 +1,127 @@
-"""Run the stages in order against one run directory.
+"""Run registered stages against one run directory, in dependency order, checks first.
 
-Each stage module exposes ``stage_config(recipe)`` and ``run(recipe, rundir, *, force=False,
-**options)``. A stage whose inputs are unchanged is skipped, so running the pipeline again is
-cheap, and a stage that was killed resumes from its checkpoints.
+The stages declare what they require (:mod:`branchnas.stages`); this module resolves the
+closure of what a command asks for, runs every needed stage's ``check`` before any work, and
+then runs each stage through :meth:`branchnas.rundir.RunDir.run_stage`, which skips a stage
+whose fingerprint is unchanged and whose outputs verify, and swaps in new outputs only on
+success.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from branchnas.errors import UserError, unknown_choice
+from branchnas.errors import UserError
 from branchnas.rundir import RunDir, StageResult
+from branchnas.stages import StageContext, closure, get_stage, stage_names
 
-__all__ = ["STAGES", "stage_module", "ensure", "run_pipeline", "open_run"]
+__all__ = ["plan", "check", "check_run_dir", "open_run", "run_stages", "run_pipeline", "default_stages"]
 
-#: The stages of ``branchnas run``, in order.
-STAGES = ("pretrain", "affinity", "search", "finetune", "export")
+Options = Mapping[str, Mapping[str, Any]]
 
 
-def stage_module(name: str) -> ModuleType:
-    """The module that implements stage ``name``."""
-    if name not in STAGES:
-        raise UserError(unknown_choice("stage", name, STAGES))
-    return importlib.import_module(f"branchnas.{name}")
+def default_stages() -> list[str]:
+    """The stages of ``branchnas run``: every registered stage that is not optional."""
+    return stage_names(include_optional=False)
+
+
+def plan(targets: Sequence[str], recipe: Any, options: Options | None = None) -> list[str]:
+    """``targets`` and the stages they need, in the order they run."""
+    return closure(targets, recipe, options or {})
+
+
+def check_run_dir(recipe: Any) -> None:
+    """The run directory can be created and written (``out`` and ``name``), checked without creating it."""
+    path = Path(recipe.run_dir)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    where = f"run directory {str(path)!r} (recipe keys 'out' and 'name')"
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{where}: {str(probe)!r} is a file, not a folder; set out= to a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{where}: {str(probe)!r} is not writable; set out= to a folder you can write")
+    if str(path.resolve()).startswith(("/proc/", "/sys/")) or path.resolve() in (Path("/proc"), Path("/sys")):
+        raise UserError(f"{where}: {str(path)!r} is inside a virtual file system; set out= to a real folder")
+
+
+def check(recipe: Any, stages: Sequence[str], options: Options | None = None) -> None:
+    """Run the ``check`` of every stage in ``stages`` and of the run directory; write nothing."""
+    options = options or {}
+    check_run_dir(recipe)
+    for name in stages:
+        get_stage(name).check(recipe, options.get(name, {}))
 
 
 def open_run(recipe: Any) -> RunDir:
     """The recipe's run directory, with the resolved recipe saved in it."""
+    check_run_dir(recipe)
     rundir = RunDir(recipe.run_dir)
     with rundir.locked():
         rundir.save_recipe(recipe)
     return rundir
 
 
-def ensure(recipe: Any, rundir: RunDir, before: str) -> dict[str, StageResult]:
-    """Run (or skip, when done) every stage that comes before ``before``."""
-    results = {}
-    with rundir.locked():
-        for name in STAGES[: STAGES.index(before)] if before in STAGES else ():
-            results[name] = stage_module(name).run(recipe, rundir)
-    return results
+def run_stages(
+    recipe: Any,
+    targets: Sequence[str],
+    *,
+    force: Sequence[str] = (),
+    options: Options | None = None,
+    progress: bool = True,
+    rundir: RunDir | None = None,
+) -> tuple[RunDir, dict[str, StageResult]]:
+    """Run ``targets`` and whatever they need (skipping what is done), checks first.
+
+    Args:
+        recipe: the resolved recipe.
+        targets: the stages asked for.
+        force: stages to redo even if their inputs are unchanged.
+        options: per-stage invocation options (``{"search": {"affinity_file": ...}}``).
+        progress: show progress bars.
+        rundir: the run directory (default: the recipe's, opened and its recipe saved).
+
+    Returns:
+        The run directory and each stage's result, in the order they ran.
+
+    Raises:
+        UserError: a check failed (nothing was run or written), or a stage failed.
+    """
+    from branchnas.stages._checks import clear_cache
+
+    options = options or {}
+    order = plan(targets, recipe, options)
+    clear_cache()
+    try:
+        check(recipe, order, options)
+        rundir = rundir or open_run(recipe)
+        results: dict[str, StageResult] = {}
+        with rundir.locked():
+            for name in order:
+                results[name] = _run_one(recipe, rundir, name, name in force, options.get(name, {}), progress)
+    finally:
+        clear_cache()
+    return rundir, results
+
+
+def _run_one(recipe: Any, rundir: RunDir, name: str, force: bool, options: Mapping[str, Any],
+             progress: bool) -> StageResult:
+    stage = get_stage(name)
+    config = stage.config(recipe, options)
+    extra = stage.fingerprint_extra(recipe, rundir, options)
+    if extra:
+        config = {**config, "keyed_on_content": extra}
+
+    def body(folder: Path) -> dict[str, Any]:
+        return stage.run(StageContext(recipe, rundir, folder, options, progress))
+
+    keep = stage.keep_on_force(options) if hasattr(stage, "keep_on_force") else None
+    return rundir.run_stage(name, config, list(stage.keyed_on(recipe, options)), body, force=force, keep=keep)
 
 
 def run_pipeline(
@@ -50,30 +130,30 @@ def run_pipeline(
     start: str | None = None,
     until: str | None = None,
     force: bool = False,
+    progress: bool = True,
 ) -> tuple[RunDir, dict[str, StageResult]]:
-    """Run the stages from ``start`` through ``until``.
+    """``branchnas run``: the default stages from ``start`` through ``until``.
 
     Args:
         recipe: the resolved recipe.
-        start: the first stage to (re)do; it and every later stage are forced. Earlier stages
-            are run only if they are not done yet.
-        until: the last stage to run (default: export).
+        start: redo this stage and every stage after it; earlier ones run only if not done.
+        until: the last stage to run (default: the last default stage). An optional stage
+            (``compare``) named here runs too.
         force: redo every stage.
-
-    Returns:
-        The run directory and each stage's result, in order.
     """
+    stages = default_stages()
+    everything = stage_names()
     for name in (start, until):
-        if name is not None and name not in STAGES:
-            raise UserError(unknown_choice("stage", name, STAGES))
-    first = STAGES.index(start) if start else 0
-    last = STAGES.index(until) if until else len(STAGES) - 1
+        if name is not None:
+            get_stage(name)
+    if until is not None and until not in stages:
+        stages = [s for s in everything if s in stages or s == until]
+    first = stages.index(start) if start in stages else 0
+    last = stages.index(until) if until else len(stages) - 1
+    if start is not None and start not in stages:
+        raise UserError(f"--from {start}: '{start}' is not one of the stages of `branchnas run` ({', '.join(stages)})")
     if first > last:
         raise UserError(f"--from {start} comes after --until {until}; choose a --from at or before --until")
-    rundir = open_run(recipe)
-    results: dict[str, StageResult] = {}
-    with rundir.locked():
-        for index, name in enumerate(STAGES[: last + 1]):
-            redo = force or (start is not None and index >= first)
-            results[name] = stage_module(name).run(recipe, rundir, force=redo)
-    return rundir, results
+    targets = stages[: last + 1]
+    redo = targets if force else (targets[first:] if start is not None else [])
+    return run_stages(recipe, targets, force=redo, progress=progress)

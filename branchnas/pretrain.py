@@ -1,4 +1,4 @@
-"""Stage 1: one single-task model per task (the paper's Sec. 3.1, first step).
+"""Stage 1 library: one single-task model per task (the paper's Sec. 3.1, first step).
 
 Every task gets the same encoder architecture (the recipe's backbone) and its own head,
 trained under the same conditions (``[pretrain]``). The N models are trained together on
@@ -15,30 +15,28 @@ Artifacts in ``<run>/pretrain/``:
 * ``ckpt/<task>.pt``: per-epoch checkpoints, so that a killed run continues where it stopped.
 
 A model whose ``<task>.pt`` exists is not trained again, so ``--tasks a,b`` trains a subset
-and a later run trains the rest.
+and a later run trains the rest. The stage itself (config, checks, readers) is
+:mod:`branchnas.stages.pretrain`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from branchnas.errors import UserError, did_you_mean
-from branchnas.rundir import RunDir, StageResult, atomic_torch_save, atomic_write_json
+from branchnas.rundir import atomic_torch_save, atomic_write_json
 
 __all__ = [
     "STAGE",
-    "stage_config",
-    "run",
-    "load_single_task",
     "build_single_task",
-    "read_metrics",
+    "train_missing",
+    "write_metrics",
+    "task_file",
+    "task_names",
     "metrics_table",
     "chance_metrics",
 ]
@@ -46,46 +44,11 @@ __all__ = [
 STAGE = "pretrain"
 
 
-def stage_config(recipe: Any) -> dict[str, Any]:
-    """What stage 1 depends on: data, tasks, backbone, ``[pretrain]`` and the seed.
-
-    ``pretrain.device`` and ``pretrain.concurrent`` are left out: they decide where and how
-    the models train, not what they compute.
-    """
-    train = dataclasses.asdict(recipe.pretrain)
-    for key in ("device", "concurrent"):
-        train.pop(key, None)
-    return {
-        "data": dataclasses.asdict(recipe.data),
-        "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
-        "backbone": dataclasses.asdict(recipe.backbone),
-        "pretrain": train,
-        "seed": recipe.seed,
-    }
-
-
-def _rundir(rundir: RunDir | str | Path) -> RunDir:
-    return rundir if isinstance(rundir, RunDir) else RunDir(rundir)
-
-
-def _task_file(folder: Path, name: str) -> Path:
+def task_file(folder: Path, name: str) -> Path:
     return folder / f"{name}.pt"
 
 
-def _select(names: Sequence[str], tasks: Sequence[str] | None) -> list[str]:
-    """The recipe's task names restricted to ``tasks`` (recipe order), checked."""
-    if tasks is None:
-        return list(names)
-    wanted = [t.strip() for t in tasks if t and t.strip()]
-    if not wanted:
-        raise UserError(f"--tasks: expected task names separated by commas; choose from: {', '.join(names)}")
-    for name in wanted:
-        if name not in names:
-            raise UserError(f"--tasks: no task named '{name}'{did_you_mean(name, names)}; the tasks are: {', '.join(names)}")
-    return [n for n in names if n in wanted]
-
-
-def _task_names(recipe: Any) -> list[str]:
+def task_names(recipe: Any) -> list[str]:
     """Task names without loading data: the recipe's, or the dataset family's defaults."""
     if recipe.tasks:
         return [t.name for t in recipe.tasks]
@@ -114,73 +77,9 @@ def build_single_task(recipe: Any, task: Any, in_channels: int, image_size: tupl
     return SingleTaskModel(backbone, head, task.name)
 
 
-def run(
-    recipe: Any,
-    rundir: RunDir | str | Path,
-    *,
-    force: bool = False,
-    tasks: Sequence[str] | None = None,
-    progress: bool = True,
-) -> StageResult:
-    """Stage 1: train the single-task models that are not trained yet.
-
-    Args:
-        recipe: The resolved recipe.
-        rundir: The run directory.
-        force: Train again even if the inputs are unchanged (with ``tasks``: only those).
-        tasks: Train only these tasks; the stage is done once every task is.
-        progress: Show a progress bar.
-
-    Returns:
-        The stage's manifest entry with ``skipped``; ``entry["tasks"]`` lists the trained
-        tasks once the stage is done, and ``entry["missing"]`` the ones still to train.
-
-    Raises:
-        UserError: an unknown task in ``tasks``, bad data or a diverged training.
-    """
-    rundir = _rundir(rundir)
-    names = _task_names(recipe)
-    selected = _select(names, tasks)
-    config = stage_config(recipe)
-
-    def body(folder: Path) -> dict[str, Any]:
-        _train(recipe, folder, names, progress)
-        return _finish(folder, names)
-
-    if selected == names:
-        return rundir.run_stage(STAGE, config, [], body, force=force)
-    with rundir.locked():
-        fp = rundir.stage_fingerprint(STAGE, config, [])
-        entry = rundir.stage_entry(STAGE)
-        folder = rundir.path / STAGE
-        if not force and rundir.is_done(STAGE, fp):
-            return StageResult(entry or {}, skipped=True)
-        if entry is None or entry.get("fingerprint") != fp:
-            # Other inputs: the models already there are stale.
-            if folder.exists():
-                shutil.rmtree(folder)
-        if entry is None or entry.get("fingerprint") != fp or entry.get("status") != "running":
-            rundir.update_stage(STAGE, fingerprint=fp, config=config, depends=[], status="running",
-                                started=time.time(), outputs=[])
-        folder = rundir.stage_dir(STAGE)
-        if force:
-            for name in selected:
-                _task_file(folder, name).unlink(missing_ok=True)
-                (folder / "ckpt" / f"{name}.pt").unlink(missing_ok=True)
-        _train(recipe, folder, selected, progress)
-        missing = [n for n in names if not _task_file(folder, n).exists()]
-        if not missing:
-            # Everything is trained now: let run_stage finish the stage (it resumes the
-            # 'running' entry, finds every model and writes metrics.json).
-            return rundir.run_stage(STAGE, config, [], body, force=False)
-        _write_metrics(folder, [n for n in names if n not in missing])
-        entry = rundir.update_stage(STAGE, missing=missing)
-        return StageResult(entry, skipped=False)
-
-
-def _train(recipe: Any, folder: Path, names: Sequence[str], progress: bool) -> None:
+def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: bool) -> None:
     """Train the models of ``names`` that have no ``<task>.pt`` yet and write their files."""
-    todo = [n for n in names if not _task_file(folder, n).exists()]
+    todo = [n for n in names if not task_file(folder, n).exists()]
     if not todo:
         return
     from branchnas.data import load_splits
@@ -234,7 +133,7 @@ def _train(recipe: Any, folder: Path, names: Sequence[str], progress: bool) -> N
             "stopped_early": result["stopped_early"],
             "history": result["history"],
             "seconds": round(seconds, 3),
-        }, _task_file(folder, t.name))
+        }, task_file(folder, t.name))
         # The finished file supersedes the per-epoch checkpoint.
         (ckpt / f"{t.name}.pt").unlink(missing_ok=True)
 
@@ -243,21 +142,12 @@ def _cpu(state: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def _finish(folder: Path, names: Sequence[str]) -> dict[str, Any]:
-    _write_metrics(folder, names)
-    ckpt = folder / "ckpt"
-    if ckpt.is_dir() and not any(ckpt.iterdir()):
-        ckpt.rmdir()
-    outputs = [f"{STAGE}/{n}.pt" for n in names] + [f"{STAGE}/metrics.json"]
-    return {"outputs": outputs, "tasks": list(names), "missing": []}
-
-
-def _write_metrics(folder: Path, names: Sequence[str]) -> dict[str, Any]:
+def write_metrics(folder: Path, names: Sequence[str]) -> dict[str, Any]:
     import torch
 
     tasks = {}
     for name in names:
-        saved = torch.load(_task_file(folder, name), map_location="cpu", weights_only=True)
+        saved = torch.load(task_file(folder, name), map_location="cpu", weights_only=True)
         spec = saved["task_spec"]
         primary = _primary(spec)
         tasks[name] = {
@@ -281,18 +171,6 @@ def _primary(spec: Mapping[str, Any]) -> tuple[str, bool]:
 
     task = Task(**spec)
     return task.primary_metric, task.higher_is_better(task.primary_metric)
-
-
-def read_metrics(rundir: RunDir | str | Path) -> dict[str, Any]:
-    """``pretrain/metrics.json`` of a run directory.
-
-    Raises:
-        UserError: stage 1 has not written it yet.
-    """
-    path = _rundir(rundir).path / STAGE / "metrics.json"
-    if not path.exists():
-        raise UserError(f"{path} does not exist; run `branchnas pretrain` first")
-    return json.loads(path.read_text())
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> str:
@@ -396,47 +274,3 @@ def _constant(task: Any, stat: dict[str, Any]) -> Any:
         return torch.nn.functional.normalize(mean.float(), dim=0)
     total = stat.get("sum", torch.zeros(task.channels, dtype=torch.float64))
     return (total / max(1, stat.get("count", 0))).float().view(1, -1)
-
-
-def load_single_task(recipe: Any, rundir: RunDir | str | Path, task: str) -> tuple[Any, Any]:
-    """Rebuild the trained single-task model of ``task``: ``(backbone, head)``, in eval mode.
-
-    Args:
-        recipe: The resolved recipe (its ``[backbone]`` section builds the encoder).
-        rundir: The run directory holding ``pretrain/``.
-        task: The task's name.
-
-    Raises:
-        UserError: no trained model for ``task``; the file does not fit the recipe's backbone.
-    """
-    import torch
-
-    from branchnas.backbones import build_backbone
-    from branchnas.heads import build_head
-    from branchnas.tasks import Task
-
-    folder = _rundir(rundir).path / STAGE
-    path = _task_file(folder, task)
-    if not path.exists():
-        have = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
-        hint = did_you_mean(task, have) if have else ""
-        raise UserError(
-            f"no single-task model for task '{task}' in {folder}{hint}; run `branchnas pretrain` first"
-        )
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    spec = Task(**saved["task_spec"])
-    image_size = tuple(saved["image_size"])
-    # The recipe's backbone section decides the architecture, except for the weights file:
-    # the trained weights replace whatever it would load.
-    cfg = dataclasses.replace(recipe.backbone, weights="")
-    backbone = build_backbone(cfg, int(saved["in_channels"]), image_size)
-    head = build_head(spec, backbone.out_channels, backbone.reduction, image_size)
-    try:
-        backbone.load_state_dict(saved["backbone"])
-        head.load_state_dict(saved["head"])
-    except RuntimeError:
-        raise UserError(
-            f"{path} does not fit the recipe's backbone ({recipe.backbone.name}); "
-            "run `branchnas pretrain --force` to train it again"
-        ) from None
-    return backbone.eval(), head.eval()

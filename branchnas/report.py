@@ -8,7 +8,6 @@ network fares against the single-task models (Δ_MTL).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,14 +18,17 @@ import numpy as np
 from branchnas.budget import format_count
 from branchnas.errors import UserError
 from branchnas.rundir import RunDir, atomic_savefig, atomic_write_text
+from branchnas.tasks import format_delta
 
 __all__ = ["write_report", "summary", "plot_delta_vs_params", "affinity_findings", "resolve_run"]
 
 REPORT = "report.md"
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+def _done(rundir: RunDir, stage: str) -> bool:
+    """The stage has finished at least once, so its artifacts are there to read."""
+    entry = rundir.stage_entry(stage) or {}
+    return "outputs" in entry and not entry.get("partial")
 
 
 def resolve_run(target: str | Path | None) -> RunDir:
@@ -110,9 +112,10 @@ def plot_delta_vs_params(models: Sequence[Mapping[str, Any]], path: str | Path) 
 
 def _models(rundir: RunDir, finetune: Mapping[str, Any] | None, extremes: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The models to place on the Δ_MTL-vs-params figure: compare's rows, else what the run has."""
-    compare = _read_json(rundir.path / "compare" / "compare.json")
-    if compare:
-        return [dict(row) for row in compare["rows"]]
+    if _done(rundir, "compare"):
+        from branchnas.stages.compare import read_comparison
+
+        return [dict(row) for row in read_comparison(rundir)["rows"]]
     models = []
     if "all_separate" in extremes:
         models.append({"name": "single-task", "kind": "single-task",
@@ -136,6 +139,14 @@ def _f(value: Any) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
 
 
+def _finetune_report(rundir: RunDir) -> dict[str, Any] | None:
+    if not _done(rundir, "finetune"):
+        return None
+    from branchnas.stages.finetune import read_report
+
+    return read_report(rundir)
+
+
 def write_report(rundir: RunDir) -> Path:
     """Write ``report.md`` (and ``delta_vs_params.png``) from the run directory's artifacts.
 
@@ -151,8 +162,10 @@ def write_report(rundir: RunDir) -> Path:
     if timing:
         out += ["Stages: " + ", ".join(f"{s} ({st}, {t})" for s, st, t in timing) + ".", ""]
 
-    pretrain = _read_json(root / "pretrain" / "metrics.json")
-    if pretrain:
+    if _done(rundir, "pretrain"):
+        from branchnas.stages.pretrain import read_metrics
+
+        pretrain = read_metrics(rundir)
         out += ["## 1. Single-task baselines", "",
                 "One model per task, all with the same encoder (the paper's first step). Their test "
                 "metrics are the baselines every Δ_MTL below is measured against; *chance* is the best "
@@ -165,13 +178,12 @@ def write_report(rundir: RunDir) -> Path:
                          _f(e.get("chance", {}).get(metric))))
         out += [_table(("task", "kind", "metric", "val", "test", "chance"), rows), ""]
 
-    affinity_path = root / "affinity" / "affinity.npz"
-    if affinity_path.exists():
-        with np.load(affinity_path) as data:
-            affinity = data["affinity"]
-            tasks = [str(t) for t in data["tasks"]]
-            points = [str(p) for p in data["points"]]
-            k = int(data["images"])
+    if _done(rundir, "affinity"):
+        from branchnas.stages import get_stage
+        from branchnas.stages.affinity import heatmap_name, read_affinity
+
+        saved = read_affinity(rundir)
+        affinity, tasks, points, k = saved["affinity"], saved["tasks"], saved["points"], saved["images"]
         out += ["## 2. Task affinity", "",
                 f"At each of the {len(points)} candidate branch points, every single-task model's features "
                 f"for the same {k} held-out images give a representation dissimilarity matrix (RDM); the "
@@ -180,17 +192,16 @@ def write_report(rundir: RunDir) -> Path:
         out += [f"- {line}" for line in affinity_findings(affinity, tasks, points)]
         out += ["", "![affinity against depth](affinity/depth.png)", ""]
         for point in points:
-            slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in point)
-            if (root / "affinity" / f"heatmap_{slug}.png").exists():
-                out.append(f"![affinity at {point}](affinity/heatmap_{slug}.png)")
+            if get_stage("affinity").path(rundir, heatmap_name(point)).exists():
+                out.append(f"![affinity at {point}](affinity/{heatmap_name(point)})")
         out.append("")
 
-    search = _read_json(root / "search" / "tree.json")
     extremes: Mapping[str, Any] = {}
-    if search:
-        from branchnas.search import format_result, load_result
+    if _done(rundir, "search"):
+        from branchnas.search import format_result
+        from branchnas.stages.search import read_result
 
-        result, extremes = load_result(rundir)
+        result, extremes = read_result(rundir)
         budget = "no budget (the all-separate size)" if result.budget is None else (
             f"{format_count(result.budget)} {result.metric}")
         out += ["## 3. The chosen tree", "",
@@ -206,7 +217,7 @@ def write_report(rundir: RunDir) -> Path:
         out += [_table(("tree", "params", "FLOPs (multiply-adds)", "clustering cost"), rows), "",
                 "![chosen tree](search/tree.png)", "", "![Pareto front](search/pareto.png)", ""]
 
-    finetune = _read_json(root / "finetune" / "report.json")
+    finetune = _finetune_report(rundir)
     if finetune:
         out += ["## 4. Fine-tuned branched network", "",
                 f"Initialised from the single-task models and fine-tuned on all tasks "
@@ -216,23 +227,23 @@ def write_report(rundir: RunDir) -> Path:
             t, metric = task["name"], task["metric"]
             arrow = "↑" if task["higher_is_better"] else "↓"
             rows.append((t, f"{metric} {arrow}", _f(finetune["single_task"]["test"][t][metric]),
-                         _f(finetune["test"][t][metric]), f"{100 * finetune['delta_per_task'][t]:+.2f}%"))
+                         _f(finetune["test"][t][metric]), format_delta(finetune['delta_per_task'][t])))
         out += [_table(("task", "metric", "single-task", "branched", "Δ"), rows), "",
-                f"**Δ_MTL = {100 * finetune['delta_mtl']:+.2f}%** on test (mean relative change of each task's "
+                f"**Δ_MTL = {format_delta(finetune['delta_mtl'])}** on test (mean relative change of each task's "
                 f"primary metric, signed so that positive is better) with {format_count(finetune['params'])} "
                 f"params and {format_count(finetune['flops'])} FLOPs.", ""]
         models = _models(rundir, finetune, extremes)
         if models:
             plot_delta_vs_params(models, root / "delta_vs_params.png")
             out += ["![Δ_MTL against params](delta_vs_params.png)", ""]
-            compare = _read_json(root / "compare" / "compare.json")
-            if compare:
+            if _done(rundir, "compare"):
+                from branchnas.stages.compare import read_comparison_markdown
+
                 out += ["Compared models (`branchnas compare`):", "",
-                        (root / "compare" / "compare.md").read_text().strip()
-                        if (root / "compare" / "compare.md").exists() else "", ""]
+                        (read_comparison_markdown(rundir) or "").strip(), ""]
 
     export = stages.get("export")
-    if export and export.get("status") == "done":
+    if export and _done(rundir, "export"):
         diff = export.get("max_abs_diff")
         worst = max(diff.values()) if isinstance(diff, dict) and diff else diff
         out += ["## 5. Export", "",
@@ -251,18 +262,19 @@ def summary(rundir: RunDir) -> str:
     """The end-of-run summary for the terminal: tree, sizes against the extremes, metrics, Δ_MTL, export."""
     root = rundir.path
     lines: list[str] = []
-    if (root / "search" / "tree.json").exists():
-        from branchnas.search import format_summary, load_result
+    if _done(rundir, "search"):
+        from branchnas.search import format_summary
+        from branchnas.stages.search import read_result
 
-        result, extremes = load_result(rundir)
+        result, extremes = read_result(rundir)
         lines += ["Chosen tree:", result.tree.render(), "", format_summary(result, extremes), ""]
-    finetune = _read_json(root / "finetune" / "report.json")
+    finetune = _finetune_report(rundir)
     if finetune:
         from branchnas.finetune import report_table
 
         lines += ["Fine-tuned branched network (test):", report_table(finetune), ""]
     export = rundir.stage_entry("export")
-    if export and export.get("status") == "done":
+    if export and _done(rundir, "export"):
         lines.append(f"Exported model: {export.get('path')}")
     if (root / REPORT).exists():
         lines.append(f"Report: {root / REPORT}")

@@ -48,6 +48,7 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+STAGING = ".staging"
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -235,21 +236,36 @@ class RunDir:
         return path
 
     def stage_fingerprint(self, stage: str, config: Any, depends: list[str]) -> str:
-        """Hash of the stage's config and the fingerprints of the stages it reads."""
+        """Hash of the stage's config and the fingerprints of the stages it is keyed on."""
         upstream = {}
         for dep in depends:
             entry = self.stage_entry(dep)
-            if entry is None or entry.get("status") != "done":
+            if entry is None or "fingerprint" not in entry or entry.get("status") == "stale":
                 raise UserError(f"stage '{stage}' needs stage '{dep}' to be done first; run `branchnas {dep}`")
             upstream[dep] = entry["fingerprint"]
         return fingerprint(stage, config, upstream)
 
+    def damaged_outputs(self, stage: str) -> list[str]:
+        """The recorded outputs of ``stage`` that are missing or whose SHA-256 changed since written."""
+        entry = self.stage_entry(stage) or {}
+        hashes = entry.get("hashes")
+        if hashes is None:  # written before hashes were recorded: existence is all we know
+            return [out for out in entry.get("outputs", []) if not (self.path / out).exists()]
+        return [out for out, digest in hashes.items()
+                if not (self.path / out).is_file() or file_sha256(self.path / out) != digest]
+
     def is_done(self, stage: str, fp: str) -> bool:
-        """True when ``stage`` finished with fingerprint ``fp`` and its outputs still exist."""
+        """True when ``stage``'s outputs were made with fingerprint ``fp`` and verify intact.
+
+        The outputs of the last success count even when a later attempt (with other inputs)
+        failed or was interrupted: that attempt never touched them.
+        """
         entry = self.stage_entry(stage)
-        if not entry or entry.get("status") != "done" or entry.get("fingerprint") != fp:
+        if not entry or entry.get("fingerprint") != fp or entry.get("status") == "stale" or "outputs" not in entry:
             return False
-        return all((self.path / out).exists() for out in entry.get("outputs", []))
+        if entry.get("partial"):
+            return False
+        return not self.damaged_outputs(stage)
 
     def update_stage(self, stage: str, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into the stage's manifest entry and write the manifest."""
@@ -267,6 +283,10 @@ class RunDir:
         atomic_write_text(path, recipe_to_toml(recipe))
         return path
 
+    def staging_dir(self, stage: str) -> Path:
+        """Where a run of ``stage`` writes until it succeeds (``<run>/.staging/<stage>``)."""
+        return self.path / STAGING / stage
+
     def run_stage(
         self,
         stage: str,
@@ -274,34 +294,111 @@ class RunDir:
         depends: list[str],
         body: Callable[[Path], dict[str, Any] | None],
         force: bool = False,
+        keep: Callable[[str], bool] | None = None,
     ) -> StageResult:
-        """Run ``body(stage_dir)`` unless the stage is already done with this fingerprint.
+        """Run ``body(folder)`` unless the stage is already done with this fingerprint.
 
-        ``body`` returns ``{"outputs": [paths relative to the run dir], ...extra}``; the
-        extras are stored in the manifest entry. A stage left ``running`` with the same
-        fingerprint keeps its folder so that ``body`` can resume from its checkpoints; a
-        different fingerprint (or ``force``) clears the folder first.
+        ``body`` writes into a staging folder (``.staging/<stage>``) and returns
+        ``{"outputs": [files], ...extras}`` (files relative to the folder, or ``<stage>/file``);
+        the extras go into the manifest entry. Only when it returns does the staging folder
+        replace the stage's folder, the outputs' SHA-256 get recorded and the entry say
+        ``done``: a failing or interrupted body leaves the previous outputs exactly as they
+        were. A failure is recorded as ``status: failed`` with the error; an interruption
+        leaves ``status: running`` and the staging folder, from whose checkpoints a rerun
+        with the same fingerprint resumes (other inputs, or ``force``, start it afresh).
+        When the outputs of a done stage are damaged, the rerun starts from the ones that
+        still verify; with ``force``, only those for which ``keep(output)`` is true.
+        ``"partial": True`` in the result swaps in what is there but leaves the stage
+        not done (``pretrain --tasks``: the next run trains the rest).
         """
         with self.locked():
+            self._recover_swap(stage)
             fp = self.stage_fingerprint(stage, config, depends)
             if not force and self.is_done(stage, fp):
-                return StageResult(self.stage_entry(stage) or {}, skipped=True)
-            entry = self.stage_entry(stage)
-            folder = self.path / stage
-            resumable = entry is not None and entry.get("fingerprint") == fp and entry.get("status") == "running"
-            if folder.exists() and (force or not resumable):
-                shutil.rmtree(folder)
-            self._invalidate_downstream(stage)
+                entry = self.stage_entry(stage) or {}
+                if entry.get("status") != "done":  # a failed attempt with other inputs came since
+                    entry = self._replace_entry(stage, {k: v for k, v in entry.items()
+                                                        if k not in ("error", "attempt")} | {"status": "done"})
+                return StageResult(entry, skipped=True)
+            entry = self.stage_entry(stage) or {}
+            staging = self.staging_dir(stage)
+            attempt = entry.get("attempt") or {}
+            resumable = staging.is_dir() and attempt.get("fingerprint") == fp and not force
+            if not resumable:
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+                if entry.get("fingerprint") == fp and (not force or keep is not None):
+                    self._seed_from_intact_outputs(stage, staging, keep if force else None)
             started = time.time()
-            self.update_stage(stage, fingerprint=fp, config=config, depends=depends, status="running",
-                              started=started, outputs=[])
-            result = body(self.stage_dir(stage)) or {}
-            outputs = [str(p) for p in result.pop("outputs", [])]
-            entry = self.update_stage(stage, status="done", finished=time.time(),
-                                      seconds=round(time.time() - started, 3), outputs=outputs,
-                                      inputs={dep: (self.stage_entry(dep) or {}).get("fingerprint") for dep in depends},
-                                      **result)
+            self.update_stage(stage, status="running", attempt={"fingerprint": fp, "started": started})
+            try:
+                result = dict(body(staging) or {})
+            except Exception as err:
+                message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                self.update_stage(stage, status="failed", error=f"{type(err).__name__}: {message}")
+                raise
+            outputs = [self._relative(stage, out) for out in result.pop("outputs", [])]
+            partial = bool(result.pop("partial", False))
+            hashes = {f"{stage}/{out}": file_sha256(staging / out) for out in outputs}
+            self._swap_in(stage, staging)
+            self._invalidate_downstream(stage)
+            finished = time.time()
+            entry = self._replace_entry(stage, {
+                "status": "running" if partial else "done", "fingerprint": fp, "config": config, "depends": depends,
+                "started": started, "finished": finished, "seconds": round(finished - started, 3),
+                "outputs": list(hashes), "hashes": hashes,
+                "inputs": {dep: (self.stage_entry(dep) or {}).get("fingerprint") for dep in depends},
+                **result, "partial": partial,
+            })
+            if not partial:
+                entry.pop("partial")
+                self._replace_entry(stage, entry)
             return StageResult(entry, skipped=False)
+
+    @staticmethod
+    def _relative(stage: str, output: str | Path) -> str:
+        text = str(output)
+        return text[len(stage) + 1:] if text.startswith(f"{stage}/") else text
+
+    def _seed_from_intact_outputs(self, stage: str, staging: Path, keep: Callable[[str], bool] | None) -> None:
+        """Start a rebuild from the outputs that still verify (hard links: writes replace files)."""
+        damaged = set(self.damaged_outputs(stage))
+        for out in (self.stage_entry(stage) or {}).get("outputs", []):
+            if out in damaged or (keep is not None and not keep(out)):
+                continue
+            target = staging / self._relative(stage, out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(self.path / out, target)
+            except OSError:
+                shutil.copy2(self.path / out, target)
+
+    def _swap_in(self, stage: str, staging: Path) -> None:
+        """Make ``staging`` the stage's folder: two renames, recoverable if killed in between."""
+        folder, old = self.path / stage, self.path / STAGING / f"{stage}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(staging, folder)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def _recover_swap(self, stage: str) -> None:
+        """Undo a swap that a kill interrupted between its two renames."""
+        folder, old = self.path / stage, self.path / STAGING / f"{stage}.old"
+        if old.exists():
+            if folder.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, folder)
+
+    def _replace_entry(self, stage: str, entry: dict[str, Any]) -> dict[str, Any]:
+        manifest = self.manifest()
+        manifest["stages"][stage] = entry
+        self._write_manifest(manifest)
+        return entry
 
     def _invalidate_downstream(self, stage: str) -> None:
         """Mark stages that read ``stage`` as stale: their fingerprints will no longer match."""

@@ -48,6 +48,7 @@ __all__ = [
     "IGNORE_INDEX",
     "MEDIAN_BIN_DEGREES",
     "KIND_INFO",
+    "format_delta",
     "KindInfo",
     "Task",
     "Meter",
@@ -678,3 +679,19 @@ def delta_mtl(
     if not terms:
         raise UserError("Δ_MTL: no tasks to compare")
     return sum(terms) / len(terms)
+
+
+def format_delta(value: float, digits: int = 2, percent: str = "%") -> str:
+    """A Δ (a fraction) as a signed percentage, or a word saying why it is undefined.
+
+    Δ is undefined (NaN) when a single-task baseline metric is 0: a relative change from 0
+    has no value. It is never printed as ``nan``.
+
+    Example:
+        >>> format_delta(-0.0123), format_delta(float("nan"))
+        ('-1.23%', 'undefined (a baseline metric is 0)')
+    """
+    value = float(value)
+    if math.isnan(value):
+        return "undefined (a baseline metric is 0)"
+    return f"{100 * value:+.{digits}f}{percent}"

@@ -45,3 +45,17 @@ def not_available(what: str, issue: str) -> None:
     from branchnas.errors import NotAvailableYet
 
     raise NotAvailableYet(f"`branchnas {what}` is not available yet ({issue}); nothing was run")
+
+
+def run_stage_command(recipe: Any, stage: str, *, force: bool, options: dict[str, Any] | None = None) -> Any:
+    """Run ``stage`` (and what it needs, skipping what is done) after every needed check.
+
+    Returns:
+        ``(rundir, result of the stage)``.
+    """
+    from branchnas.pipeline import run_stages
+
+    rundir, results = run_stages(recipe, [stage], force=[stage] if force else [], options={stage: options or {}})
+    if results[stage].get("skipped"):
+        click.echo(f"{stage}: already done with these inputs (use --force to redo)")
+    return rundir, results[stage]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import force_option, load, recipe_options
+from branchnas_cli._options import force_option, load, recipe_options, run_stage_command
 
 
 @click.command(name="affinity")
@@ -24,8 +24,8 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, images:
     they are missing. Writes affinity/affinity.npz, affinity.json, one heatmap per branch
     point and depth.png (affinity against depth).
     """
-    from branchnas import affinity
-    from branchnas.pipeline import open_run
+    from branchnas.affinity import format_affinity
+    from branchnas.stages.affinity import read_affinity
 
     # As --set overrides, so the saved recipe.toml records them too.
     if images is not None:
@@ -33,12 +33,8 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, images:
     if bootstrap is not None:
         overrides = (*overrides, f"affinity.bootstrap={bootstrap}")
     resolved = load(recipe, overrides)
-    rundir = open_run(resolved)
-    result = affinity.run(resolved, rundir, force=force, progress=True)
-    if result.get("skipped"):
-        click.echo("affinity: already done with these inputs (use --force to redo)")
-    saved = affinity.load_affinity(rundir)
-    click.echo(affinity.format_affinity(saved["affinity"], saved["tasks"], saved["points"],
-                                        saved["low"], saved["high"]))
+    rundir, _ = run_stage_command(resolved, "affinity", force=force)
+    saved = read_affinity(rundir)
+    click.echo(format_affinity(saved["affinity"], saved["tasks"], saved["points"], saved["low"], saved["high"]))
     click.echo(f"\nK = {saved['images']} images; wrote {rundir.path / 'affinity'}/"
                "affinity.npz, affinity.json and heatmaps")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import force_option, load, recipe_options
+from branchnas_cli._options import force_option, load, recipe_options, run_stage_command
 
 
 @click.command(name="compare")
@@ -20,15 +20,12 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
     models. The chosen tree's model is stage 4's; the all-shared and random trees are
     fine-tuned here with the same settings. Writes compare/compare.json and compare/compare.md.
     """
-    from branchnas import compare
-    from branchnas.pipeline import open_run
+    from branchnas.compare import comparison_table
+    from branchnas.stages.compare import read_comparison
 
     if random_trees is not None:
         overrides = (*overrides, f"finetune.compare_random={random_trees}")
     resolved = load(recipe, overrides)
-    rundir = open_run(resolved)
-    result = compare.run(resolved, rundir, force=force)
-    if result.get("skipped"):
-        click.echo("compare: already done with these inputs (use --force to redo)")
-    click.echo(compare.comparison_table(compare.load_comparison(rundir)))
+    rundir, _ = run_stage_command(resolved, "compare", force=force)
+    click.echo(comparison_table(read_comparison(rundir)))
     click.echo(f"wrote {rundir.path / 'compare' / 'compare.md'} and compare.json")

@@ -1,4 +1,4 @@
-"""`branchnas export`: stage 6, the fine-tuned network as a checked TorchScript file."""
+"""`branchnas export`: stage 6, the fine-tuned network as a checked TorchScript or ONNX file."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from branchnas_cli._options import force_option, set_option
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), default=None,
               help="File format (default: the recipe's export.format, torchscript). ONNX needs `pip install onnx`.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Output file (default: the recipe's export.output, else <run dir>/export/model.pt).")
+              help="Write the export to this file instead; the run's own export/ is left as it is.")
 def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: str | None, output: str | None) -> None:
     """Export the fine-tuned network with its task names and preprocessing as metadata.
 
@@ -25,28 +25,33 @@ def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: st
     branchnas and must reproduce the eager outputs within export.atol, or nothing is
     written. See docs/exported-model.md for using the file from plain PyTorch.
     """
-    from branchnas import export
     from branchnas.errors import UserError
-    from branchnas.pipeline import open_run
+    from branchnas.pipeline import run_stages
     from branchnas.recipe import load_recipe
     from branchnas.rundir import RunDir
+    from branchnas.stages.export import check_export, export_to
 
     if fmt is not None:
         overrides = (*overrides, f"export.format={fmt}")
+    rundir = None
     if source is not None and Path(source).is_dir():
         recipe_file = Path(source) / "recipe.toml"
         if not recipe_file.exists():
             raise UserError(f"{source} is a folder without recipe.toml; pass a run directory or a recipe file")
         resolved = load_recipe(recipe_file, list(overrides))
         rundir = RunDir(source)
-        with rundir.locked():
-            rundir.save_recipe(resolved)
     else:
         resolved = load_recipe(source, list(overrides))
-        rundir = open_run(resolved)
-    result = export.run(resolved, rundir, force=force, output=output)
-    if result.get("skipped"):
-        click.echo("export: already done with these inputs (use --force to redo)")
+    if output is not None:
+        # Another file: the stage's own export stays as it is; only the fine-tune must be done.
+        check_export(resolved)
+        rundir, _ = run_stages(resolved, ["finetune"], rundir=rundir)
+        result = export_to(resolved, rundir, output)
+    else:
+        rundir, results = run_stages(resolved, ["export"], force=["export"] if force else [], rundir=rundir)
+        result = results["export"]
+        if result.get("skipped"):
+            click.echo("export: already done with these inputs (use --force to redo)")
     diffs = result.get("max_abs_diff") or {}
     check = (f"checked in a clean process without branchnas: max |diff| {max(diffs.values(), default=0.0):.2g} "
              f"<= {resolved.export.atol:g}") if result.get("checked") else "not checked (export.check = false)"

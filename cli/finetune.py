@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import force_option, load, recipe_options
+from branchnas_cli._options import force_option, load, recipe_options, run_stage_command
 
 
 @click.command(name="finetune")
@@ -21,19 +21,14 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, weighti
     section. Prints per-task test metrics next to the single-task ones, Δ_MTL, parameters
     and FLOPs (fvcore, one multiply-add = one flop, per image); writes finetune/model.pt and
     finetune/report.json in the run directory. An interrupted run resumes where it stopped.
+    A tree that is unchanged is not fine-tuned again, however the search was called.
     """
-    import json
-
-    from branchnas import finetune
-    from branchnas.pipeline import open_run
+    from branchnas.finetune import report_table
+    from branchnas.stages.finetune import read_report
 
     if weighting is not None:
         overrides = (*overrides, f"finetune.weighting={weighting}")
     resolved = load(recipe, overrides)
-    rundir = open_run(resolved)
-    result = finetune.run(resolved, rundir, force=force)
-    report = json.loads((rundir.path / "finetune" / "report.json").read_text())
-    if result.get("skipped"):
-        click.echo("finetune: already done with these inputs (use --force to redo)")
-    click.echo(finetune.report_table(report))
+    rundir, _ = run_stage_command(resolved, "finetune", force=force)
+    click.echo(report_table(read_report(rundir)))
     click.echo(f"wrote {rundir.path / 'finetune' / 'model.pt'} and report.json")

@@ -20,22 +20,29 @@ import click
 
 from branchnas import __version__
 
-#: command name -> (module in this package, one-line help shown by ``--help``)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("run", "Run the whole pipeline (pretrain → affinity → search → finetune → export)."),
-    "pretrain": ("pretrain", "Stage 1: train one single-task model per task."),
-    "affinity": ("affinity", "Stage 2: RSA task affinity at every branch point."),
-    "search": ("search", "Stage 3: find the cheapest-cost tree within a budget."),
-    "finetune": ("finetune", "Stage 4: build the branched network and fine-tune it."),
-    "compare": ("compare", "Fine-tune single-task, all-shared and chosen trees side by side."),
-    "tune": ("tune", "Stage 5: tune gate sparsity and hinge targets with Optuna."),
-    "export": ("export", "Stage 6: export the fine-tuned network as TorchScript."),
-    "report": ("report", "Print the report of a finished run."),
-    "recipe": ("recipe", "Show the resolved recipe, or validate one."),
-    "datasets": ("datasets", "List the dataset families and their targets."),
-    "tasks": ("tasks", "List the task kinds with their losses and metrics."),
-    "backbones": ("backbones", "List the backbones with branch points, params and FLOPs."),
+#: commands that are not pipeline stages: name -> one-line help shown by ``--help``
+_OTHER_COMMANDS: dict[str, str] = {
+    "run": "Run the whole pipeline (pretrain → affinity → search → finetune → export).",
+    "report": "Print the report of a finished run.",
+    "recipe": "Show the resolved recipe, or validate one (--check runs every stage's checks).",
+    "datasets": "List the dataset families and their targets.",
+    "tasks": "List the task kinds with their losses and metrics.",
+    "backbones": "List the backbones with branch points, params and FLOPs.",
 }
+
+
+def _commands() -> dict[str, str]:
+    """Command name -> one-line help: ``run``, then one per registered stage, then the rest.
+
+    The stage registry imports no torch, so ``branchnas --help`` stays fast.
+    """
+    from branchnas.stages import REGISTRY, stage_names
+
+    stages = {name: REGISTRY[name].summary for name in stage_names()}
+    return {"run": _OTHER_COMMANDS["run"], **stages, **{k: v for k, v in _OTHER_COMMANDS.items() if k != "run"}}
+
+
+COMMANDS = _commands()
 
 _state = {"debug": False}
 
@@ -49,12 +56,12 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module = importlib.import_module(f"branchnas_cli.{COMMANDS[name][0]}")
+        module = importlib.import_module(f"branchnas_cli.{name}")
         return module.command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # `branchnas --help` lists the commands from COMMANDS, importing none of them.
-        rows = [(name, short_help) for name, (_, short_help) in COMMANDS.items()]
+        rows = list(COMMANDS.items())
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

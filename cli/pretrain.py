@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import force_option, load, recipe_options
+from branchnas_cli._options import force_option, load, recipe_options, run_stage_command
 
 
 def _split_tasks(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -29,19 +29,13 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, tasks: 
     (the best constant prediction). A model already trained is not trained again; a killed
     run continues from its last finished epoch.
     """
-    from branchnas import pretrain
-    from branchnas.pipeline import open_run
+    from branchnas.pretrain import metrics_table
+    from branchnas.stages.pretrain import read_metrics
 
     resolved = load(recipe, overrides)
-    rundir = open_run(resolved)
-    result = pretrain.run(resolved, rundir, force=force, tasks=tasks)
-    folder = rundir.path / pretrain.STAGE
-    if result.get("skipped"):
-        click.echo("pretrain: already done with these inputs (use --force to redo)")
-    metrics_path = folder / "metrics.json"
-    if metrics_path.exists():
-        click.echo(pretrain.metrics_table(pretrain.read_metrics(rundir)))
+    rundir, result = run_stage_command(resolved, "pretrain", force=force, options={"tasks": tasks} if tasks else {})
+    click.echo(metrics_table(read_metrics(rundir)))
     missing = result.get("missing") or []
     if missing:
         click.echo(f"still to train: {', '.join(missing)} (run `branchnas pretrain` to train them)")
-    click.echo(f"models and metrics in {folder}")
+    click.echo(f"models and metrics in {rundir.path / 'pretrain'}")

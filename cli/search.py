@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import force_option, load, recipe_options
+from branchnas_cli._options import force_option, load, recipe_options, run_stage_command
 
 
 @click.command(name="search")
@@ -30,24 +30,24 @@ def command(recipe, overrides, budget, metric, mode, top, affinity_file, pareto,
       branchnas search --budget 200M --metric flops --top 3
       branchnas search recipes/celeba.toml --affinity affinity.npz --budget 2.2M
     """
-    from branchnas import search as stage
     from branchnas.budget import format_count
-    from branchnas.pipeline import open_run
+    from branchnas.search import format_pareto, format_result, format_summary
+    from branchnas.stages.search import read_result
 
     sets = list(overrides)
     for key, value in (("budget", budget), ("metric", metric), ("mode", mode), ("top", top)):
         if value is not None:
             sets.append(f"search.{key}={value!s}" if key != "budget" else f'search.budget="{value}"')
     resolved = load(recipe, tuple(sets))
-    rundir = open_run(resolved)
-    outcome = stage.run(resolved, rundir, force=force, affinity_file=affinity_file)
-    result, extremes = stage.load_result(rundir)
-    click.echo(stage.format_result(result))
+    options = {"affinity_file": affinity_file} if affinity_file else {}
+    rundir, outcome = run_stage_command(resolved, "search", force=force, options=options)
+    result, extremes = read_result(rundir)
+    click.echo(format_result(result))
     click.echo("")
-    click.echo(stage.format_summary(result, extremes))
+    click.echo(format_summary(result, extremes))
     if pareto and result.pareto:
         click.echo("\nPareto front (best cost for every budget; * = chosen):")
-        click.echo(stage.format_pareto(result.pareto, result.metric, chosen=result.best))
+        click.echo(format_pareto(result.pareto, result.metric, chosen=result.best))
     folder = rundir.path / "search"
     state = "unchanged inputs: kept" if outcome.get("skipped") else "wrote"
     click.echo(f"\n{state} {folder}/tree.json, pareto.json, tree.png, pareto.png "

@@ -22,9 +22,11 @@ import torch
 
 from branchnas import affinity
 from branchnas.data.shapes import FACTORS
-from branchnas.pipeline import open_run
-from branchnas.pretrain import metrics_table, read_metrics
+from branchnas.pipeline import run_stages
+from branchnas.pretrain import metrics_table
 from branchnas.recipe import load_recipe
+from branchnas.stages.affinity import read_affinity
+from branchnas.stages.pretrain import read_metrics
 
 TASKS = {"depth": "depth", "edges": "edges", "colour": "classification"}
 
@@ -67,10 +69,9 @@ def test_tasks_sharing_a_factor_have_clearly_higher_affinity_at_the_deepest_poin
     tmp_path, record_property, one_thread
 ):
     recipe = load_recipe(None, [f"out={json.dumps(str(tmp_path))}", "name=structure", *OVERRIDES])
-    rundir = open_run(recipe)
-    affinity.run(recipe, rundir, progress=False)  # runs stage 1 first
+    rundir, _ = run_stages(recipe, ["affinity"], progress=False)  # runs stage 1 first
 
-    result = affinity.load_affinity(rundir)
+    result = read_affinity(rundir)
     a, low, high = result["affinity"], result["low"], result["high"]
     names, points = result["tasks"], result["points"]
     assert names == list(TASKS)

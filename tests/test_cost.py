@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from branchnas.backbones import build_backbone
-from branchnas.cost import BlockCosts, block_costs, count_flops, count_params
+from branchnas.cost import ALL_HEADS, BlockCosts, block_costs, count_flops, count_params
 from branchnas.errors import UserError
 from branchnas.heads import build_head
 from branchnas.recipe import BackboneConfig
@@ -166,3 +168,40 @@ def test_block_costs_round_trip_through_a_dict():
 def test_inconsistent_costs_are_refused():
     with pytest.raises(ValueError, match="2 block params but 3 block flops"):
         BlockCosts(0, 0, (1, 2), (1, 2, 3), {}, {})
+
+
+def test_coerce_reads_block_costs_objects_mappings_and_plain_arrays():
+    costs = SimpleNamespace(stem_params=7, stem_flops=70, block_params=[10, 20], block_flops=[100, 200],
+                            head_params={"a": 1, "b": 2, "c": 99}, head_flops={"a": 5, "b": 5, "c": 5})
+    model = BlockCosts.coerce(costs, num_points=2, tasks=["a", "b"])
+    assert model.size([1, 2], "params") == 7 + 10 + 40 + 3
+    assert model.size([2, 2], "flops") == 70 + 600 + 10
+    assert BlockCosts.coerce(vars(costs)).size([1, 1], "params") == 7 + 30 + 102
+    plain = BlockCosts.coerce([5, 6])
+    assert plain.size([2, 1], "params") == 16 and plain.size([2, 1], "flops") == 16
+    with pytest.raises(UserError, match="no entry for task 'z'"):
+        BlockCosts.coerce(costs, tasks=["a", "z"])
+    with pytest.raises(UserError, match="one cost per branch point \\(3\\)"):
+        BlockCosts.coerce(costs, num_points=3)
+    with pytest.raises(UserError, match="non-negative"):
+        BlockCosts.coerce([5, -1])
+
+
+def test_coerce_restricts_heads_to_tasks_and_sizes_agree_with_size():
+    assert BlockCosts.coerce(COSTS) == COSTS
+    model = BlockCosts.coerce(COSTS, num_points=3, tasks=["b"])
+    assert model.head_params == {"b": 7} and model.head_flops == {"b": 70}
+    counts = np.array([[1, 1, 1], [1, 2, 3], [3, 3, 3]])
+    params, flops = model.sizes(counts)
+    assert params.dtype == np.float64 and flops.dtype == np.float64
+    assert params.tolist() == [model.size(row, "params") for row in counts] == [167, 247, 287]
+    assert flops.tolist() == [model.size(row, "flops") for row in counts] == [1076, 1084, 1088]
+    # Heads given as a total (or over different tasks for params and flops) are kept as totals.
+    totals = BlockCosts.coerce({"block_params": [1, 2], "head_params": 5, "head_flops": {"a": 1, "b": 2}})
+    assert totals.head_params == {ALL_HEADS: 5} and totals.head_flops == {ALL_HEADS: 3}
+    assert totals.size([1, 1], "params") == 8 and totals.size([2, 1], "flops") == 7
+    assert BlockCosts.coerce(totals, tasks=["a", "b"]) == totals  # coercing again changes nothing
+    with pytest.raises(UserError, match="block_params has 2 entries but block_flops has 3"):
+        BlockCosts.coerce({"block_params": [1, 2], "block_flops": [1, 2, 3]})
+    with pytest.raises(UserError, match="expected a 'block_params' field"):
+        BlockCosts.coerce({"block_flops": [1, 2]})

@@ -2,8 +2,8 @@
 
 docs/cli.md and docs/recipes.md are generated; when a drift test fails, regenerate them:
 
-    python -m branchnas_cli.reference cli > docs/cli.md
-    python -m branchnas_cli.reference recipes > docs/recipes.md
+    python docs/reference.py cli > docs/cli.md
+    python docs/reference.py recipes > docs/recipes.md
 """
 
 from __future__ import annotations
@@ -16,15 +16,23 @@ from pathlib import Path
 import click
 import pytest
 from branchnas_cli.main import COMMANDS
-from branchnas_cli.reference import (
-    PAGES,
-    _escape,
-    cli_reference_markdown,
-    main,
-    recipe_reference_markdown,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_reference():
+    """docs/reference.py: docs tooling, kept out of the installed package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("branchnas_docs_reference", ROOT / "docs" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_reference = _load_reference()
+PAGES, _escape, main = _reference.PAGES, _reference._escape, _reference.main
+cli_reference_markdown, recipe_reference_markdown = _reference.cli_reference_markdown, _reference.recipe_reference_markdown
 DOCS = ROOT / "docs"
 MARKDOWN = sorted(DOCS.glob("*.md")) + [ROOT / "README.md"]
 
@@ -38,7 +46,7 @@ def _drift_message(page: str, actual: str, expected: str) -> str:
     diff = difflib.unified_diff(actual.splitlines(), expected.splitlines(),
                                 f"{path} (committed)", f"{path} (generated now)", lineterm="", n=1)
     shown = "\n".join(list(diff)[:60])
-    return f"{path} is out of date; regenerate it with\n\n    python -m branchnas_cli.reference {page} > {path}\n\n{shown}"
+    return f"{path} is out of date; regenerate it with\n\n    python docs/reference.py {page} > {path}\n\n{shown}"
 
 
 # --------------------------------------------------------------------------- generated pages
@@ -47,7 +55,7 @@ def _drift_message(page: str, actual: str, expected: str) -> str:
 @pytest.mark.parametrize("page, generate", [("cli", cli_reference_markdown), ("recipes", recipe_reference_markdown)])
 def test_generated_page_is_up_to_date(page, generate):
     path = ROOT / PAGES[page][0]
-    assert path.is_file(), f"{PAGES[page][0]} is missing; create it with python -m branchnas_cli.reference {page} > {PAGES[page][0]}"
+    assert path.is_file(), f"{PAGES[page][0]} is missing; create it with python docs/reference.py {page} > {PAGES[page][0]}"
     actual, expected = path.read_text(encoding="utf-8"), generate()
     assert actual == expected, _drift_message(page, actual, expected)
 
@@ -60,7 +68,7 @@ def _sections(text: str, prefix: str) -> dict[str, str]:
 
 def _import_command(name: str) -> click.Command | None:
     """The command object, or None when its module has not been written yet."""
-    module_name = f"branchnas_cli.{COMMANDS[name][0]}"
+    module_name = f"branchnas_cli.{name}"
     try:
         return importlib.import_module(module_name).command
     except ModuleNotFoundError as err:
@@ -73,7 +81,7 @@ def test_cli_reference_documents_every_command_and_option():
     sections = _sections(cli_reference_markdown(), "##")
     assert list(sections)[0] == "branchnas"
     assert [s.removeprefix("branchnas ") for s in list(sections)[1:]] == list(COMMANDS)
-    for name, (_, summary) in COMMANDS.items():
+    for name, summary in COMMANDS.items():
         body = sections[f"branchnas {name}"]
         assert summary.split(":")[0] in body
         command = _import_command(name)
@@ -111,7 +119,7 @@ def test_reference_module_prints_a_page_and_refuses_unknown_ones(capsys):
     assert main(["cli"]) == 0
     assert capsys.readouterr().out == cli_reference_markdown()
     assert main(["nonsense"]) == 2
-    assert "usage: python -m branchnas_cli.reference" in capsys.readouterr().err
+    assert "usage: python docs/reference.py" in capsys.readouterr().err
 
 
 def test_escape_keeps_code_and_hides_nothing():
@@ -268,7 +276,7 @@ def test_options_shown_in_the_docs_exist(name):
     shown = [(path, line, opt) for path, line, options in uses for opt in options]
     command = _import_command(name)
     if command is None:
-        pytest.skip(f"`branchnas {name}` is registered but cli/{COMMANDS[name][0]}.py does not exist yet")
+        pytest.skip(f"`branchnas {name}` is registered but cli/{name}.py does not exist yet")
     declared = {"--help", "-h"} | {opt for p in command.params for opt in (*p.opts, *p.secondary_opts)}
     wrong = [f"{_rel(path)}: {line!r} ({opt})" for path, line, opt in shown if opt not in declared]
     assert not wrong, f"options that `branchnas {name}` does not have:\n" + "\n".join(wrong)

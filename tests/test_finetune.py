@@ -15,8 +15,10 @@ from click.testing import CliRunner
 
 from branchnas import compare, export, finetune
 from branchnas.errors import NotAvailableYet, UserError
-from branchnas.pipeline import open_run
+from branchnas.pipeline import open_run, run_stages
 from branchnas.recipe import load_recipe
+from branchnas.stages import get_stage
+from branchnas.stages.finetune import load_finetuned
 from branchnas.tasks import Task, delta_mtl
 
 # torch marks TorchScript as deprecated; it is still the format plain PyTorch loads.
@@ -38,13 +40,18 @@ def tiny_overrides(out, name="tiny", *extra):
     ]
 
 
+def run_stage(recipe, rundir, stage, force=False):
+    """One stage through the pipeline (earlier ones run first if not done), as its command does."""
+    return run_stages(recipe, [stage], force=[stage] if force else [], rundir=rundir, progress=False)[1][stage]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished tiny run up to stage 4: (recipe, rundir, stage result)."""
     out = tmp_path_factory.mktemp("runs")
     recipe = load_recipe(None, tiny_overrides(out))
     rundir = open_run(recipe)
-    result = finetune.run(recipe, rundir)
+    result = run_stage(recipe, rundir, "finetune")
     return recipe, rundir, result
 
 
@@ -59,15 +66,16 @@ def tasks_of(report):
 def test_stage_config_leaves_out_compare_only_keys_and_the_device():
     a = load_recipe(None, ["finetune.compare_random=3", "finetune.device=cpu"])
     b = load_recipe(None, ["finetune.compare_random=0"])
-    assert finetune.stage_config(a) == finetune.stage_config(b)
-    assert compare.stage_config(a) != compare.stage_config(b)
-    assert finetune.stage_config(load_recipe(None, ["finetune.lr=0.5"])) != finetune.stage_config(b)
+    stage_config = get_stage("finetune").config
+    assert stage_config(a, {}) == stage_config(b, {})
+    assert get_stage("compare").config(a, {}) != get_stage("compare").config(b, {})
+    assert stage_config(load_recipe(None, ["finetune.lr=0.5"]), {}) != stage_config(b, {})
 
 
 def test_other_variants_are_not_available_yet(tmp_path):
     recipe = load_recipe(None, [f"out={json.dumps(str(tmp_path))}", "finetune.variant=gated"])
     with pytest.raises(NotAvailableYet, match="finetune.variant 'gated'"):
-        finetune.run(recipe, open_run(recipe))
+        run_stages(recipe, ["finetune"])
 
 
 def test_rebuild_refuses_other_files():
@@ -115,7 +123,7 @@ def test_finetune_writes_the_report_and_a_rebuildable_model(run):
     assert report["partitions"] == tree.named_partitions()
     assert tree.groups_per_point() not in [(1, 1, 1), (3, 3, 3)]  # mixed: the budget is 40k
     from branchnas.cost import block_costs
-    from branchnas.pretrain import load_single_task
+    from branchnas.stages.pretrain import load_single_task
 
     pairs = {t.name: load_single_task(recipe, rundir, t.name) for t in tasks}
     costs = block_costs(pairs["shape"][0], {n: p[1] for n, p in pairs.items()}, (16, 16))
@@ -130,7 +138,7 @@ def test_the_saved_model_reproduces_the_reported_metrics(run):
 
     recipe, rundir, _ = run
     report = json.loads((rundir.path / "finetune" / "report.json").read_text())
-    net = finetune.load_finetuned(recipe, rundir)
+    net = load_finetuned(rundir)
     splits, tasks = load_splits(recipe)
     measured = evaluate(net, tasks, splits["test"], 32)
     for task in tasks:
@@ -143,7 +151,7 @@ def test_central_init_takes_each_group_from_its_most_central_task(run):
     import numpy as np
 
     from branchnas.models import source_task
-    from branchnas.pretrain import load_single_task
+    from branchnas.stages.pretrain import load_single_task
 
     recipe, rundir, _ = run
     tree = finetune.load_tree(rundir.path / "search" / "tree.json")
@@ -163,7 +171,7 @@ def test_central_init_takes_each_group_from_its_most_central_task(run):
 @pytest.mark.slow
 def test_a_second_run_is_skipped(run):
     recipe, rundir, _ = run
-    assert finetune.run(recipe, rundir)["skipped"]
+    assert run_stage(recipe, rundir, "finetune")["skipped"]
 
 
 @pytest.mark.slow
@@ -182,11 +190,11 @@ def test_a_killed_finetune_resumes_to_the_same_result(run, monkeypatch):
 
     monkeypatch.setattr(training.Trainer, "_save", kill_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        finetune.run(recipe2, rundir)
+        run_stage(recipe2, rundir, "finetune")
     monkeypatch.setattr(training.Trainer, "_save", real_save)
     assert saves == [1]
     assert rundir.stage_entry("finetune")["status"] == "running"
-    assert (rundir.path / "finetune" / "ckpt" / "model.pt").exists()
+    assert (rundir.path / ".staging" / "finetune" / "ckpt" / "model.pt").exists()
     real_epoch = training.Trainer._epoch
     epochs_run = []
 
@@ -195,7 +203,7 @@ def test_a_killed_finetune_resumes_to_the_same_result(run, monkeypatch):
         return real_epoch(self, group, train, val, epoch, bar)
 
     monkeypatch.setattr(training.Trainer, "_epoch", count_epochs)
-    resumed = finetune.run(recipe2, rundir)
+    resumed = run_stage(recipe2, rundir, "finetune")
     assert not resumed["skipped"]
     assert epochs_run == [1]  # resumed at the second epoch, not started over
     report = json.loads((rundir.path / "finetune" / "report.json").read_text())
@@ -206,7 +214,7 @@ def test_a_killed_finetune_resumes_to_the_same_result(run, monkeypatch):
     assert epochs_run == [1, 0, 1]
     assert fresh["test"] == report["test"]
     # Put stage 4 back as the other tests expect it (1 epoch).
-    finetune.run(recipe, rundir)
+    run_stage(recipe, rundir, "finetune")
 
 
 @pytest.mark.slow
@@ -230,7 +238,7 @@ def test_cli_finetune_prints_the_table(run, monkeypatch):
 def test_compare_writes_json_and_markdown(run):
     recipe, rundir, _ = run
     recipe = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "finetune.compare_random=1"))
-    compare.run(recipe, rundir)
+    run_stage(recipe, rundir, "compare")
     data = json.loads((rundir.path / "compare" / "compare.json").read_text())
     names = [r["name"] for r in data["rows"]]
     assert names[:3] == ["single-task", "all-shared", "chosen"]
@@ -259,7 +267,7 @@ def test_compare_writes_json_and_markdown(run):
 @pytest.mark.slow
 def test_export_stage_writes_a_checked_file_with_metadata(run):
     recipe, rundir, _ = run
-    result = export.run(recipe, rundir)
+    result = run_stage(recipe, rundir, "export")
     path = rundir.path / "export" / "model.pt"
     assert result["path"] == str(path.resolve()) and path.exists()
     assert result["checked"] and max(result["max_abs_diff"].values()) <= recipe.export.atol
@@ -270,7 +278,7 @@ def test_export_stage_writes_a_checked_file_with_metadata(run):
     assert meta["input"]["shape"] == ["B", 3, 16, 16]
     model = torch.jit.load(str(path))
     x = torch.randn(2, 3, 16, 16)
-    eager = finetune.load_finetuned(recipe, rundir)
+    eager = load_finetuned(rundir)
     with torch.no_grad():
         for name, value in model(x).items():
             torch.testing.assert_close(value, eager(x)[name], rtol=0, atol=1e-5)

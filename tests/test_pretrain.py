@@ -18,8 +18,10 @@ from click.testing import CliRunner
 
 from branchnas import pretrain
 from branchnas.errors import UserError
+from branchnas.pipeline import run_stages
 from branchnas.recipe import load_recipe
 from branchnas.rundir import RunDir
+from branchnas.stages.pretrain import load_single_task
 
 
 @pytest.fixture(autouse=True)
@@ -41,10 +43,18 @@ def tiny_recipe(out: Path, *extra: str):
     return load_recipe(None, [*TINY, f"out={out}", *extra])
 
 
+def run_pretrain(recipe, rundir, force=False, tasks=None, progress=False):
+    """Stage 1 through the pipeline, as `branchnas pretrain` runs it."""
+    options = {"pretrain": {"tasks": tasks}} if tasks else {}
+    _, results = run_stages(recipe, ["pretrain"], force=["pretrain"] if force else [], options=options,
+                            progress=progress, rundir=rundir)
+    return results["pretrain"]
+
+
 def test_stage_writes_models_and_metrics(tmp_path):
     recipe = tiny_recipe(tmp_path)
     rundir = RunDir(recipe.run_dir)
-    result = pretrain.run(recipe, rundir, progress=False)
+    result = run_pretrain(recipe, rundir, progress=False)
     assert not result["skipped"] and result["status"] == "done"
     folder = rundir.path / "pretrain"
     assert sorted(p.name for p in folder.glob("*.pt")) == ["depth.pt", "floor.pt", "shape.pt"]
@@ -61,7 +71,7 @@ def test_stage_writes_models_and_metrics(tmp_path):
     from branchnas.data import load_splits
     from branchnas.training import SingleTaskModel, evaluate
 
-    backbone, head = pretrain.load_single_task(recipe, rundir, "shape")
+    backbone, head = load_single_task(recipe, rundir, "shape")
     splits, tasks = load_splits(recipe)
     model = SingleTaskModel(backbone, head, "shape")
     assert evaluate(model, [tasks[0]], splits["test"], 16)["shape"] == pytest.approx(saved["test"])
@@ -72,28 +82,28 @@ def test_stage_writes_models_and_metrics(tmp_path):
 def test_rerun_skips_and_force_retrains(tmp_path):
     recipe = tiny_recipe(tmp_path)
     rundir = RunDir(recipe.run_dir)
-    pretrain.run(recipe, rundir, progress=False)
+    run_pretrain(recipe, rundir, progress=False)
     stamp = (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns
-    assert pretrain.run(recipe, rundir, progress=False)["skipped"]
+    assert run_pretrain(recipe, rundir, progress=False)["skipped"]
     assert (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns == stamp
-    assert not pretrain.run(recipe, rundir, force=True, progress=False)["skipped"]
+    assert not run_pretrain(recipe, rundir, force=True, progress=False)["skipped"]
     assert (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns != stamp
 
 
 def test_task_subset_then_the_rest(tmp_path):
     recipe = tiny_recipe(tmp_path)
     rundir = RunDir(recipe.run_dir)
-    result = pretrain.run(recipe, rundir, tasks=["floor", "shape"], progress=False)
+    result = run_pretrain(recipe, rundir, tasks=["floor", "shape"], progress=False)
     folder = rundir.path / "pretrain"
     assert sorted(p.name for p in folder.glob("*.pt")) == ["floor.pt", "shape.pt"]
     assert result["status"] == "running" and result["missing"] == ["depth"]
     stamp = (folder / "shape.pt").stat().st_mtime_ns
-    result = pretrain.run(recipe, rundir, progress=False)
+    result = run_pretrain(recipe, rundir, progress=False)
     assert result["status"] == "done" and not result["skipped"]
     assert (folder / "depth.pt").exists() and (folder / "shape.pt").stat().st_mtime_ns == stamp
     # A model does not depend on which others were trained with it.
     alone = tiny_recipe(tmp_path / "alone")
-    pretrain.run(alone, RunDir(alone.run_dir), progress=False)
+    run_pretrain(alone, RunDir(alone.run_dir), progress=False)
     for name in ("shape", "depth"):
         a = torch.load(folder / f"{name}.pt", weights_only=True)
         b = torch.load(alone.run_dir / "pretrain" / f"{name}.pt", weights_only=True)
@@ -104,9 +114,9 @@ def test_task_subset_then_the_rest(tmp_path):
 def test_unknown_task_and_missing_model_are_user_errors(tmp_path):
     recipe = tiny_recipe(tmp_path)
     with pytest.raises(UserError, match="no task named 'shap' \\(did you mean 'shape'\\?\\)"):
-        pretrain.run(recipe, RunDir(recipe.run_dir), tasks=["shap"], progress=False)
+        run_pretrain(recipe, RunDir(recipe.run_dir), tasks=["shap"], progress=False)
     with pytest.raises(UserError, match="run `branchnas pretrain` first"):
-        pretrain.load_single_task(recipe, RunDir(recipe.run_dir), "shape")
+        load_single_task(recipe, RunDir(recipe.run_dir), "shape")
 
 
 def test_chance_metrics_are_those_of_the_best_constant():
@@ -146,7 +156,7 @@ def test_sigkill_mid_epoch_then_rerun_matches_an_uninterrupted_run(tmp_path):
     subprocess.run(_command(straight), env=env, check=True, capture_output=True, timeout=300)
 
     proc = subprocess.Popen(_command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "shapes" / "pretrain" / "ckpt"
+    ckpt = killed / "shapes" / ".staging" / "pretrain" / "ckpt"  # work in progress is staged
     deadline = time.monotonic() + 240
     try:
         # The first epoch's checkpoints exist: the process is now inside epoch 2.

@@ -111,7 +111,9 @@ def _caught(run_dir: Path, stage: str) -> bool:
     """The stage is running and, where it checkpoints, has written its first checkpoint."""
     if _manifest(run_dir).get(stage, {}).get("status") != "running":
         return False
-    checkpoints = {"pretrain": "pretrain/ckpt", "affinity": "affinity/rdms", "finetune": "finetune/ckpt"}
+    # Work in progress is staged: it replaces the stage's folder only when the stage succeeds.
+    checkpoints = {"pretrain": ".staging/pretrain/ckpt", "affinity": ".staging/affinity/rdms",
+                   "finetune": ".staging/finetune/ckpt"}
     if stage not in checkpoints:
         return True
     folder = run_dir / checkpoints[stage]

@@ -26,12 +26,11 @@ from branchnas.data._base import (
     DENSE_KINDS,
     IGNORE_LABEL,
     DatasetFamily,
-    LazyDataset,
     LoadRequest,
     MultiTaskDataset,
     TargetSpec,
-    TensorDataset,
 )
+from branchnas.data.storage import LazyDataset, TensorDataset
 from branchnas.errors import RecipeError, UserError, unknown_choice
 
 __all__ = [

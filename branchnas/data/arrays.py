@@ -29,23 +29,16 @@ from branchnas.data._base import (
     IGNORE_LABEL,
     SPLITS,
     DatasetFamily,
-    LazyDataset,
     LoadRequest,
     MultiTaskDataset,
     TargetSpec,
-    TensorDataset,
-    channel_stats,
-    check_values,
     option,
-    per_sample_reader,
-    read_image,
-    read_npy,
-    seeded_rng,
-    split_pool,
-    standardise,
-    take,
-    unit_normals,
 )
+from branchnas.data.io import read_image, read_npy
+from branchnas.data.splits import seeded_rng, split_pool, take
+from branchnas.data.storage import LazyDataset, TensorDataset, per_sample_reader
+from branchnas.data.targets import check_values, standardise, unit_normals
+from branchnas.data.transforms import channel_stats
 from branchnas.errors import DataError, RecipeError
 from branchnas.recipe import TaskConfig
 

@@ -22,16 +22,14 @@ import numpy as np
 from branchnas.data._base import (
     SPLITS,
     DatasetFamily,
-    LazyDataset,
     LoadRequest,
     MultiTaskDataset,
     TargetSpec,
     option,
-    per_sample_reader,
-    read_image,
-    seeded_rng,
-    take,
 )
+from branchnas.data.io import read_image
+from branchnas.data.splits import seeded_rng, take
+from branchnas.data.storage import LazyDataset, per_sample_reader
 from branchnas.errors import DataError, RecipeError, did_you_mean
 
 __all__ = ["CelebAFamily", "CelebAOptions", "ATTRIBUTES"]

@@ -25,18 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from branchnas.data._base import (
-    DatasetFamily,
-    LoadRequest,
-    MultiTaskDataset,
-    TargetSpec,
-    TensorDataset,
-    check_values,
-    option,
-    seeded_rng,
-    split_pool,
-    take,
-)
+from branchnas.data._base import DatasetFamily, LoadRequest, MultiTaskDataset, TargetSpec, option
+from branchnas.data.splits import seeded_rng, split_pool, take
+from branchnas.data.storage import TensorDataset
+from branchnas.data.targets import check_values
 from branchnas.errors import DataError, RecipeError, did_you_mean
 
 __all__ = ["Cifar100Family", "Cifar100Options", "COARSE_CLASSES"]

@@ -27,17 +27,14 @@ import numpy as np
 from branchnas.data._base import (
     IGNORE_LABEL,
     DatasetFamily,
-    LazyDataset,
     LoadRequest,
     MultiTaskDataset,
     TargetSpec,
     option,
-    per_sample_reader,
-    read_image,
-    seeded_rng,
-    split_pool,
-    take,
 )
+from branchnas.data.io import read_image
+from branchnas.data.splits import seeded_rng, split_pool, take
+from branchnas.data.storage import LazyDataset, per_sample_reader
 from branchnas.errors import DataError
 
 __all__ = ["CityscapesFamily", "CityscapesOptions", "TRAIN_CLASSES", "label_ids_to_train_ids", "disparity_to_depth"]

@@ -24,19 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from branchnas.data._base import (
-    DatasetFamily,
-    LoadRequest,
-    MultiTaskDataset,
-    TargetSpec,
-    TensorDataset,
-    channel_stats,
-    option,
-    paste_max,
-    require_count,
-    seeded_rng,
-    split_pool,
-)
+from branchnas.data._base import DatasetFamily, LoadRequest, MultiTaskDataset, TargetSpec, option
+from branchnas.data.splits import require_count, seeded_rng, split_pool
+from branchnas.data.storage import TensorDataset
+from branchnas.data.transforms import channel_stats, paste_max
 from branchnas.recipe import TaskConfig
 
 __all__ = ["DigitsFamily", "DigitsOptions", "make_pairs", "source_digits"]

@@ -26,21 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from branchnas.data._base import (
-    DatasetFamily,
-    LazyDataset,
-    LoadRequest,
-    MultiTaskDataset,
-    TargetSpec,
-    _storage,
-    check_values,
-    option,
-    paste_max,
-    resize_images,
-    seeded_rng,
-    split_pool,
-    take,
-)
+from branchnas.data._base import DatasetFamily, LoadRequest, MultiTaskDataset, TargetSpec, option
+from branchnas.data.splits import seeded_rng, split_pool, take
+from branchnas.data.storage import LazyDataset, _storage
+from branchnas.data.targets import check_values
+from branchnas.data.transforms import paste_max, resize_images
 from branchnas.errors import DataError
 
 __all__ = ["MultiMnistFamily", "MultiMnistOptions", "MultiMnistSplit", "read_idx"]

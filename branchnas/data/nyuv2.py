@@ -24,17 +24,14 @@ import numpy as np
 from branchnas.data._base import (
     IGNORE_LABEL,
     DatasetFamily,
-    LazyDataset,
     LoadRequest,
     MultiTaskDataset,
     NoOptions,
     TargetSpec,
-    per_sample_reader,
-    read_npy,
-    seeded_rng,
-    split_pool,
-    take,
 )
+from branchnas.data.io import read_npy
+from branchnas.data.splits import seeded_rng, split_pool, take
+from branchnas.data.storage import LazyDataset, per_sample_reader
 from branchnas.errors import DataError
 
 __all__ = ["NYUv2Family"]

@@ -31,17 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from branchnas.data._base import (
-    DatasetFamily,
-    LoadRequest,
-    MultiTaskDataset,
-    TargetSpec,
-    TensorDataset,
-    channel_stats,
-    option,
-    require_count,
-    seeded_rng,
-)
+from branchnas.data._base import DatasetFamily, LoadRequest, MultiTaskDataset, TargetSpec, option
+from branchnas.data.splits import require_count, seeded_rng
+from branchnas.data.storage import TensorDataset
+from branchnas.data.transforms import channel_stats
 from branchnas.errors import RecipeError
 from branchnas.recipe import TaskConfig
 

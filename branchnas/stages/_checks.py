@@ -1,0 +1,62 @@
+"""Checks that several stages share: the data layout, the device, optional packages.
+
+Each raises a one-line :class:`~branchnas.errors.UserError` naming the problem and the fix,
+and writes nothing. The data is opened once per recipe and check pass (:func:`splits_of`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+from typing import Any
+
+from branchnas.errors import UserError
+
+__all__ = ["splits_of", "clear_cache", "check_device", "check_package"]
+
+_CACHE: dict[str, Any] = {}
+
+
+def splits_of(recipe: Any) -> tuple[dict[str, Any], list[Any]]:
+    """``load_splits(recipe)``, cached by the recipe's data, tasks and seed.
+
+    Opening the data is what checks its layout (a missing root, a bad file, an unknown
+    target); generated datasets are built in a second or so, on-disk ones only indexed.
+    """
+    from branchnas.data import load_splits
+    from branchnas.rundir import fingerprint
+
+    key = fingerprint(dataclasses.asdict(recipe.data), [dataclasses.asdict(t) for t in recipe.tasks], recipe.seed)
+    if key not in _CACHE:
+        _CACHE.clear()  # one recipe at a time: keep memory bounded
+        _CACHE[key] = load_splits(recipe)
+    return _CACHE[key]
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(value: str, key: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and CUDA only where torch sees a GPU."""
+    if not _DEVICE.match(value):
+        raise UserError(f"{key}: expected auto, cpu, cuda or cuda:N; got {value!r}")
+    if value.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(value.split(":")[1]) if ":" in value else 0
+        if index >= count:
+            raise UserError(f"{key}: {value!r} asked for, but torch sees {count} CUDA device(s); "
+                            "use auto or cpu")
+
+
+def check_package(module: str, what: str, install: str) -> None:
+    """``module`` is importable, else say what needs it and what to install."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs the '{module}' package, which is not installed; {install}")
+
+
+def clear_cache() -> None:
+    """Forget the opened data (the pipeline calls it when a command ends)."""
+    _CACHE.clear()

@@ -1,0 +1,70 @@
+"""``compare`` (optional): single-task, all-shared, chosen, runner-up and random trees side by side.
+
+The work is :func:`branchnas.compare.compare_trees`. Keyed, like fine-tuning, on the trees
+it trains (the ranked trees of the search), not on how the search was called.
+
+Artifacts in ``compare/``: ``compare.json`` (rows of params, FLOPs, test metrics, Δ_MTL) and
+``compare.md`` (the same as a Markdown table), plus each extra tree's fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from branchnas.errors import UserError
+from branchnas.stages._base import Artifact, Stage, StageContext, get_stage, register_stage
+
+__all__ = ["CompareStage", "read_comparison", "read_comparison_markdown"]
+
+
+@register_stage
+class CompareStage(Stage):
+    name = "compare"
+    summary = "Fine-tune single-task, all-shared and chosen trees side by side."
+    requires = ("pretrain", "search", "finetune")
+    optional = True
+    artifacts = (
+        Artifact("compare.json", "one row per model: partitions, params, FLOPs, test metrics, Δ_MTL"),
+        Artifact("compare.md", "the comparison as a Markdown table"),
+    )
+
+    def keyed_on(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("pretrain", "finetune")
+
+    def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        return get_stage("finetune").config(recipe, options) | {"compare_random": recipe.finetune.compare_random}
+
+    def fingerprint_extra(self, recipe: Any, rundir: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        from branchnas.finetune import tree_to_json
+        from branchnas.stages.search import read_ranked
+
+        return {"ranked": [tree_to_json(t) for t in read_ranked(rundir)]}
+
+    def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
+        get_stage("finetune").check(recipe, options)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from branchnas.compare import compare_trees, comparison_markdown
+        from branchnas.rundir import atomic_write_json, atomic_write_text
+
+        data = compare_trees(ctx.recipe, ctx.rundir, ctx.folder)
+        atomic_write_json(ctx.folder / "compare.json", data)
+        atomic_write_text(ctx.folder / "compare.md", comparison_markdown(data))
+        return {"outputs": ["compare.json", "compare.md"], "models": len(data["rows"])}
+
+
+def read_comparison(rundir: Any) -> dict[str, Any]:
+    """``compare/compare.json`` of a run."""
+    path = get_stage("compare").require(rundir, "compare.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}); run `branchnas compare --force` to rebuild it") from None
+
+
+def read_comparison_markdown(rundir: Any) -> str | None:
+    """``compare/compare.md``, or ``None`` when ``compare`` has not run."""
+    path = get_stage("compare").path(rundir, "compare.md")
+    return path.read_text() if path.exists() else None

@@ -1,0 +1,99 @@
+"""Stage 6, ``export``: the fine-tuned network as a checked, self-describing file.
+
+The work is :func:`branchnas.export.export_model`. The stage writes ``export/model.pt``
+(TorchScript) or ``export/model.onnx`` into its own folder, swapped in only once the file has
+been reloaded in a clean process and matched the eager model. ``export.output`` (or
+``branchnas export -o FILE``) writes a further copy elsewhere; that never touches the stage's
+own file (:func:`export_to`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from branchnas.errors import UserError, unknown_choice
+from branchnas.stages._base import Artifact, Stage, StageContext, register_stage
+
+__all__ = ["ExportStage", "export_to", "file_name", "check_export"]
+
+
+def file_name(fmt: str) -> str:
+    """The stage's file for format ``fmt``."""
+    return "model.onnx" if fmt == "onnx" else "model.pt"
+
+
+def check_export(recipe: Any, fmt: str | None = None) -> None:
+    """The format is known and its packages are installed (checked before any training)."""
+    from branchnas.export import FORMATS
+    from branchnas.stages._checks import check_package
+
+    fmt = fmt or recipe.export.format
+    if fmt not in FORMATS:
+        raise UserError(unknown_choice("export format", fmt, FORMATS))
+    if fmt == "onnx":
+        check_package("onnx", "export.format = 'onnx'", "pip install onnx, or use --format torchscript")
+        if recipe.export.check:
+            check_package("onnxruntime", "checking an ONNX export", "pip install onnxruntime, or --set export.check=false")
+
+
+@register_stage
+class ExportStage(Stage):
+    name = "export"
+    summary = "Stage 6: export the fine-tuned network (TorchScript or ONNX), checked in a clean process."
+    requires = ("finetune",)
+    artifacts = (
+        Artifact("model.pt", "TorchScript with branchnas.json metadata (task names, preprocessing, tree)"),
+        Artifact("model.onnx", "ONNX with the same metadata as a model property"),
+    )
+
+    def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"export": dataclasses.asdict(recipe.export)}
+
+    def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
+        check_export(recipe)
+        if recipe.export.output:
+            _check_target(Path(recipe.export.output))
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        name = file_name(ctx.recipe.export.format)
+        result = export_to(ctx.recipe, ctx.rundir, ctx.folder / name)
+        extras = {"outputs": [name], "format": result["format"], "max_abs_diff": result["max_abs_diff"],
+                  "checked": result["checked"], "path": str((ctx.rundir.path / self.name / name).resolve())}
+        if ctx.recipe.export.output:
+            copy = export_to(ctx.recipe, ctx.rundir, Path(ctx.recipe.export.output))
+            extras["copy"] = copy["path"]
+        return extras
+
+
+def _check_target(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"export output {str(path)!r} is a folder; give a file name such as model.pt")
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"export output {str(path)!r}: {str(probe)!r} is not a folder")
+
+
+def export_to(recipe: Any, rundir: Any, path: str | Path, fmt: str | None = None) -> dict[str, Any]:
+    """Export stage 4's network to ``path`` (checked, atomic); nothing else is touched.
+
+    Returns:
+        :func:`branchnas.export.export_model`'s result: ``path``, ``format``, ``checked``,
+        ``max_abs_diff``.
+    """
+    from branchnas.export import build_metadata, export_model
+    from branchnas.finetune import load_checkpoint_info
+    from branchnas.stages.finetune import load_finetuned, model_path
+
+    fmt = fmt or recipe.export.format
+    check_export(recipe, fmt)
+    path = Path(path)
+    _check_target(path)
+    net = load_finetuned(rundir)
+    metadata = build_metadata(net, load_checkpoint_info(model_path(rundir)))
+    return export_model(net, path.resolve(), metadata, format=fmt, check=recipe.export.check, atol=recipe.export.atol)

@@ -1,0 +1,101 @@
+"""Stage 4, ``finetune``: the branched network of the chosen tree, fine-tuned on all tasks.
+
+The work is :func:`branchnas.finetune.finetune_tree`. The stage is keyed on the *tree it
+trains* (and on the single-task models it starts from), not on how the search was called:
+exploring budgets or affinity files with ``branchnas search`` never discards a fine-tuned
+network whose tree is unchanged.
+
+Artifacts in ``finetune/``: ``model.pt`` (weights plus everything needed to rebuild the
+network without the data) and ``report.json`` (per-task metrics, baselines, Δ_MTL, size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from branchnas.errors import UserError
+from branchnas.stages._base import Artifact, Stage, StageContext, get_stage, register_stage
+
+__all__ = ["FinetuneStage", "read_report", "load_finetuned", "model_path"]
+
+#: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_random`` is read
+#: only by ``branchnas compare``, ``device`` says where it runs (as in stage 1).
+NOT_FINGERPRINTED = ("compare_random", "device")
+
+
+@register_stage
+class FinetuneStage(Stage):
+    name = "finetune"
+    summary = "Stage 4: build the branched network and fine-tune it."
+    requires = ("pretrain", "search")
+    artifacts = (
+        Artifact("model.pt", "the fine-tuned network: weights, tree, tasks, preprocessing"),
+        Artifact("report.json", "per-task val/test metrics, single-task baselines, Δ_MTL, params, FLOPs"),
+    )
+
+    def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
+        # init = "central" takes each group's weights from its most central task by affinity.
+        return (*self.requires, "affinity") if recipe.finetune.init == "central" else self.requires
+
+    def keyed_on(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(d for d in self.dependencies(recipe, options) if d != "search")
+
+    def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``[finetune]`` (less what does not change the result), tasks, batch, augmentation, seed.
+
+        The data, tasks and backbone also reach it through pretrain's fingerprint.
+        """
+        finetune = {k: v for k, v in dataclasses.asdict(recipe.finetune).items() if k not in NOT_FINGERPRINTED}
+        return {
+            "finetune": finetune,
+            "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
+            "batch_size": recipe.data.batch_size,
+            "augment": recipe.data.augment,
+            "seed": recipe.seed,
+        }
+
+    def fingerprint_extra(self, recipe: Any, rundir: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        from branchnas.finetune import tree_to_json
+        from branchnas.stages.search import read_tree
+
+        return {"tree": tree_to_json(read_tree(rundir))}
+
+    def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
+        from branchnas.finetune import check_variant
+        from branchnas.stages._checks import check_device
+
+        check_variant(recipe)
+        check_device(recipe.finetune.device, "finetune.device")
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from branchnas.finetune import finetune_tree
+        from branchnas.stages.search import read_tree
+
+        report = finetune_tree(ctx.recipe, ctx.rundir, read_tree(ctx.rundir), ctx.folder, desc="finetune")
+        return {"outputs": ["model.pt", "report.json"], "delta_mtl": report["delta_mtl"],
+                "params": report["params"], "flops": report["flops"]}
+
+
+def model_path(rundir: Any) -> Path:
+    """``finetune/model.pt``, checked to exist."""
+    return get_stage("finetune").require(rundir, "model.pt")
+
+
+def read_report(rundir: Any) -> dict[str, Any]:
+    """``finetune/report.json`` (see :func:`branchnas.finetune.finetune_tree`)."""
+    path = get_stage("finetune").require(rundir, "report.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}); run `branchnas finetune --force` to rebuild it") from None
+
+
+def load_finetuned(rundir: Any) -> Any:
+    """The fine-tuned network of stage 4, in eval mode on the CPU."""
+    from branchnas.finetune import load_model_file
+
+    return load_model_file(model_path(rundir))

@@ -1,0 +1,86 @@
+"""Measuring models: every metric of every task on a split, several models in one pass.
+
+Each task's meter (:meth:`branchnas.tasks.Task.meter`) accumulates over the batches; the
+models run in eval mode under the same autocast as training and keep their train/eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from branchnas.training.runtime import (
+    _autocast,
+    _batches,
+    _model_device,
+    _to_device,
+    resolve_device,
+)
+
+__all__ = ["evaluate", "evaluate_models"]
+
+
+@torch.no_grad()
+def _evaluate_members(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset: Any, batch_size: int,
+                      device: torch.device, channels_last: bool) -> list[dict[str, dict[str, float]]]:
+    """Evaluate several models on one pass over ``dataset`` (each batch is loaded once)."""
+    meters = [{t.name: t.meter() for t in tasks} for _, tasks in models]
+    modes = [model.training for model, _ in models]
+    for model, _ in models:
+        model.eval()
+    try:
+        for images, targets in _batches(dataset, batch_size, shuffle=False, seed=0, epoch=0, augment=False):
+            images, targets = _to_device(images, targets, device, channels_last)
+            for (model, tasks), meter in zip(models, meters, strict=True):
+                with _autocast(device):
+                    outputs = model(images)
+                for t in tasks:
+                    meter[t.name].update(outputs[t.name].float(), targets[t.target])
+    finally:
+        for (model, _), mode in zip(models, modes, strict=True):
+            model.train(mode)
+    return [{name: m.compute() for name, m in meter.items()} for meter in meters]
+
+
+def evaluate_models(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset: Any, batch_size: int,
+                    device: str | torch.device | None = None) -> list[dict[str, dict[str, float]]]:
+    """:func:`evaluate` for several models in one pass over ``dataset`` (each batch loaded once).
+
+    Args:
+        models: ``(model, tasks)`` pairs.
+        dataset: A :class:`branchnas.data.MultiTaskDataset` split.
+        batch_size: Images per forward pass.
+        device: Where to run; ``None`` keeps each model where it is (the first model's device).
+
+    Returns:
+        ``{task: {metric: value}}`` per model, in order.
+    """
+    if not models:
+        return []
+    if device is None:
+        target = _model_device(models[0][0])
+    else:
+        target = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    for model, _ in models:
+        model.to(target)
+    return _evaluate_members([(m, list(t)) for m, t in models], dataset, batch_size, target, target.type == "cuda")
+
+
+def evaluate(model: nn.Module, tasks: Sequence[Any], dataset: Any, batch_size: int,
+             device: str | torch.device | None = None) -> dict[str, dict[str, float]]:
+    """Every metric of every task of ``model`` on ``dataset``.
+
+    Args:
+        model: Maps images to ``{task: output}``.
+        tasks: The tasks to measure.
+        dataset: A :class:`branchnas.data.MultiTaskDataset` split.
+        batch_size: Images per forward pass.
+        device: Where to run; ``None`` keeps the model where it is. The model is moved there.
+
+    Returns:
+        ``{task: {metric: value}}``; the model keeps its train/eval mode.
+    """
+    return evaluate_models([(model, tasks)], dataset, batch_size, device)[0]
