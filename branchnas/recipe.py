@@ -147,7 +147,7 @@ class AffinityConfig:
 class SearchConfig:
     """The ``[search]`` section: the budget-constrained tree search (stage 3)."""
 
-    budget: str = field(default="50%", metadata=_spec("budget such as 10M, 2.5G, or 50% of the all-separate size; empty = no limit"))
+    budget: str = field(default="50%", metadata=_spec("budget such as 10M, 2.5G, or 50% of the all-separate size; empty = no limit", number_ok=True))
     metric: str = field(default="params", metadata=_choices("params", "flops", doc="what the budget counts (fvcore: one multiply-add = one flop)"))
     mode: str = field(default="auto", metadata=_choices("auto", "exact", "scalable"))
     exact_limit: int = field(default=5_000_000_000, metadata=_spec("auto runs exact search up to this many trees", min=1))
@@ -252,8 +252,11 @@ def _coerce(path: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any
             raise RecipeError(f"{path}: expected a number; got {_describe(value)}")
         value = float(value)
     elif annotation is str:
+        if meta.get("number_ok") and isinstance(value, int | float) and not isinstance(value, bool):
+            value = repr(value) if isinstance(value, float) else str(value)  # budget = 1000000
         if not isinstance(value, str):
-            raise RecipeError(f"{path}: expected a string; got {_describe(value)}")
+            quoted = f' (quote it: {path.rsplit(".", 1)[-1]} = "{value}")' if isinstance(value, int | float) else ""
+            raise RecipeError(f"{path}: expected a string; got {_describe(value)}{quoted}")
     elif origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
@@ -430,6 +433,10 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the recipe as UTF-8") from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot be read ({err.strerror})") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
