@@ -145,6 +145,17 @@ class Stage:
         return path
 
 
+    def read_json(self, rundir: RunDir, name: str) -> Any:
+        """Artifact ``name`` parsed as JSON; missing or damaged is a user error naming the fix."""
+        import json
+
+        path = self.require(rundir, name)
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is damaged ({err}); run `branchnas {self.name} --force` to rebuild it") from None
+
+
 def _matches(pattern: str, name: str) -> bool:
     if "*" not in pattern:
         return pattern == name

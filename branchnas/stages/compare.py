@@ -9,11 +9,9 @@ Artifacts in ``compare/``: ``compare.json`` (rows of params, FLOPs, test metrics
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
-from branchnas.errors import UserError
 from branchnas.stages._base import Artifact, Stage, StageContext, get_stage, register_stage
 
 __all__ = ["CompareStage", "read_comparison", "read_comparison_markdown"]
@@ -57,11 +55,7 @@ class CompareStage(Stage):
 
 def read_comparison(rundir: Any) -> dict[str, Any]:
     """``compare/compare.json`` of a run."""
-    path = get_stage("compare").require(rundir, "compare.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({err}); run `branchnas compare --force` to rebuild it") from None
+    return get_stage("compare").read_json(rundir, "compare.json")
 
 
 def read_comparison_markdown(rundir: Any) -> str | None:

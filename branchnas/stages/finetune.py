@@ -12,12 +12,10 @@ network without the data) and ``report.json`` (per-task metrics, baselines, Δ_M
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from branchnas.errors import UserError
 from branchnas.stages._base import Artifact, Stage, StageContext, get_stage, register_stage
 
 __all__ = ["FinetuneStage", "read_report", "load_finetuned", "model_path"]
@@ -87,11 +85,7 @@ def model_path(rundir: Any) -> Path:
 
 def read_report(rundir: Any) -> dict[str, Any]:
     """``finetune/report.json`` (see :func:`branchnas.finetune.finetune_tree`)."""
-    path = get_stage("finetune").require(rundir, "report.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({err}); run `branchnas finetune --force` to rebuild it") from None
+    return get_stage("finetune").read_json(rundir, "report.json")
 
 
 def load_finetuned(rundir: Any) -> Any:

@@ -8,7 +8,6 @@ baselines of Δ_MTL). Options: ``tasks`` trains a subset; the stage is done once
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,11 +120,7 @@ def read_metrics(rundir: Any) -> dict[str, Any]:
     Raises:
         UserError: stage 1 has not written it yet, or it is damaged.
     """
-    path = get_stage("pretrain").require(_rundir(rundir), "metrics.json")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({err}); run `branchnas pretrain --force` to rebuild it") from None
+    return get_stage("pretrain").read_json(_rundir(rundir), "metrics.json")
 
 
 def load_single_task(recipe: Any, rundir: Any, task: str) -> tuple[Any, Any]:

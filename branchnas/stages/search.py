@@ -13,7 +13,6 @@ Artifacts in ``search/``: ``tree.json`` (the ranked trees, the extremes and the 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -165,11 +164,7 @@ def _search(recipe: Any, rundir: Any, folder: Path, affinity_file: str | None) -
 
 
 def _read_json(rundir: Any, name: str) -> Any:
-    path = get_stage("search").require(rundir, name)
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is damaged ({err}); run `branchnas search --force` to rebuild it") from None
+    return get_stage("search").read_json(rundir, name)
 
 
 def read_result(rundir: Any) -> tuple[Any, dict[str, Any]]:
