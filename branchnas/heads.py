@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from branchnas.backbones._base import as_image_size
 from branchnas.errors import UserError, unknown_choice
+from branchnas.kinds import GLOBAL_KINDS
 
 __all__ = ["LinearHead", "DenseHead", "build_head", "DENSE_HIDDEN_CHANNELS"]
 
@@ -44,7 +45,6 @@ __all__ = ["LinearHead", "DenseHead", "build_head", "DENSE_HIDDEN_CHANNELS"]
 #: encoders (2048 channels for ResNet-50) while narrow ones keep their own width.
 DENSE_HIDDEN_CHANNELS = 128
 
-_GLOBAL_KINDS = ("classification", "attribute", "regression")
 
 
 class TaskLike(Protocol):
@@ -150,6 +150,6 @@ def build_head(
     size = as_image_size(image_size)
     if task.dense:
         return DenseHead(in_channels, task.out_channels, size)
-    if task.kind not in _GLOBAL_KINDS:
-        raise UserError(unknown_choice(f"kind of task '{task.name}'", task.kind, _GLOBAL_KINDS))
+    if task.kind not in GLOBAL_KINDS:
+        raise UserError(unknown_choice(f"kind of task '{task.name}'", task.kind, GLOBAL_KINDS))
     return LinearHead(in_channels, task.out_channels, squeeze=task.kind == "attribute")

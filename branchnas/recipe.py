@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from branchnas.errors import RecipeError, did_you_mean
+from branchnas.kinds import TASK_KINDS
 
 __all__ = [
     "Recipe",
@@ -47,15 +48,6 @@ __all__ = [
 ]
 
 #: Task kinds the recipe accepts; :mod:`branchnas.tasks` implements each one.
-TASK_KINDS = (
-    "classification",
-    "attribute",
-    "segmentation",
-    "depth",
-    "normals",
-    "edges",
-    "regression",
-)
 
 DEFAULT_RECIPE_FILE = "branchnas.toml"
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 
 from branchnas.data.transforms import hflip
 from branchnas.errors import DataError, RecipeError, did_you_mean
+from branchnas.kinds import DENSE_KINDS, IGNORE_INDEX
 from branchnas.recipe import TaskConfig, _build
 
 __all__ = [
@@ -59,9 +59,8 @@ __all__ = [
 ]
 
 #: Segmentation label that the loss and the metrics ignore.
-IGNORE_LABEL = 255
+IGNORE_LABEL = IGNORE_INDEX
 #: Kinds whose target is a map at the image resolution.
-DENSE_KINDS = frozenset({"segmentation", "depth", "normals", "edges"})
 SPLITS = ("train", "val", "test")
 
 Describe = Callable[[int], str]
@@ -323,41 +322,3 @@ class DatasetFamily(abc.ABC):
                 f"data.root: expected {what} in {root} ({self.layout}); see docs/datasets.md"
             )
         return path
-
-
-# --------------------------------------------------------------------------- moved names
-
-# Where the helpers that used to live in this module are now. They are looked up on first
-# use (PEP 562) rather than imported here, because those modules build on this one.
-_MOVED = {
-    "TensorDataset": "storage",
-    "LazyDataset": "storage",
-    "SampleReader": "storage",
-    "BatchReader": "storage",
-    "per_sample_reader": "storage",
-    "_storage": "storage",
-    "_pool": "storage",
-    "standardise": "targets",
-    "check_values": "targets",
-    "unit_normals": "targets",
-    "_first_bad": "targets",
-    "resize_images": "transforms",
-    "resize_target": "transforms",
-    "paste_max": "transforms",
-    "channel_stats": "transforms",
-    "_NEAREST_KINDS": "transforms",
-    "seeded_rng": "splits",
-    "take": "splits",
-    "split_pool": "splits",
-    "require_count": "splits",
-    "read_image": "io",
-    "read_npy": "io",
-}
-
-
-def __getattr__(name: str) -> Any:
-    """``from branchnas.data._base import TensorDataset`` and the like keep working."""
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"branchnas.data.{module}"), name)

@@ -44,7 +44,6 @@ from branchnas.recipe import TaskConfig
 
 __all__ = ["ArraysFamily", "ArraysOptions"]
 
-_SCALAR_KINDS = ("classification", "attribute", "regression")
 _SPLIT_CODES = {"train": "train", "val": "val", "test": "test", "0": "train", "1": "val", "2": "test",
                 "valid": "val", "validation": "val"}
 

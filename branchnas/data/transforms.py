@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from branchnas.kinds import NEAREST_KINDS
+
 if TYPE_CHECKING:
     # only for annotations: _base imports hflip from here, so a run-time import would be circular
     from branchnas.data._base import TargetSpec
@@ -20,7 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["channel_stats", "hflip", "paste_max", "resize_images", "resize_target"]
 
 #: Dense kinds resized with nearest neighbours (labels must stay labels).
-_NEAREST_KINDS = frozenset({"segmentation", "edges"})
 
 
 def hflip(images: np.ndarray, targets: dict[str, np.ndarray], specs: dict[str, TargetSpec], mask: np.ndarray) -> None:
@@ -62,7 +63,7 @@ def resize_target(spec: TargetSpec, value: np.ndarray, size: tuple[int, int]) ->
     """
     if not spec.dense or tuple(value.shape[-2:]) == tuple(size):
         return value
-    if spec.kind in _NEAREST_KINDS:
+    if spec.kind in NEAREST_KINDS:
         x = value[:, None] if spec.kind == "segmentation" else value
         out = F.interpolate(torch.from_numpy(x.astype(np.float32)), size=size, mode="nearest-exact").numpy()
         out = out.astype(value.dtype)
