@@ -292,9 +292,12 @@ def finetune_tree(
     baseline_val = single_task_metrics(rundir, "val")
     net = build_branched(recipe, rundir, tree)
     weighting = get_weighting(recipe.finetune.weighting, tasks, seed=recipe.seed)
+    cfg = recipe.finetune
     trainer = Trainer(
-        net, tasks, recipe.finetune, batch_size=recipe.data.batch_size, seed=recipe.seed,
+        net, tasks, cfg, batch_size=recipe.data.batch_size, seed=recipe.seed,
         checkpoint=out_dir / "ckpt", weighting=weighting, augment=recipe.data.augment, desc=desc,
+        objective=build_objective(recipe, rundir, net, tasks),
+        reference=baseline_val if cfg.select == "best" else None, keep_best=cfg.select == "best",
     )
     history = trainer.fit(splits["train"], splits["val"])
     batch = recipe.data.batch_size
@@ -319,13 +322,52 @@ def finetune_tree(
         "delta_per_task": _per_task_delta(test, baseline_test, tasks),
         "weighting": recipe.finetune.weighting,
         "init": recipe.finetune.init,
-        # With finetune.patience > 0 the trainer restores the best epoch; else the last one counts.
-        "weights_from_epoch": history.get("best_epoch") if recipe.finetune.patience > 0 else history.get("epochs"),
+        "distill": {"outputs": cfg.distill, "features": cfg.distill_features, "temperature": cfg.distill_temperature},
+        "balance": cfg.balance,
+        "select": cfg.select,
+        # With finetune.patience > 0 or select = "best" the trainer restores the best epoch
+        # (by val Δ_MTL against the single-task models with "best"); else the last one counts.
+        "weights_from_epoch": (history.get("best_epoch") if cfg.patience > 0 or cfg.select == "best"
+                               else history.get("epochs")),
         "training": history,
     }
     atomic_torch_save(_checkpoint(net, tree, tasks, data, recipe), model_path)
     atomic_write_json(report_path, report)
     return report
+
+
+def single_task_losses(rundir: RunDir, names: Sequence[str]) -> dict[str, float]:
+    """Each task's single-task model's training loss in its last epoch (``pretrain/<task>.pt``)."""
+    from branchnas.stages.pretrain import model_path
+
+    losses = {}
+    for name in names:
+        saved = _load(model_path(rundir, name))
+        history = saved.get("history") or []
+        if not history:
+            raise UserError(f"{model_path(rundir, name)} has no training history; run `branchnas pretrain --force`")
+        losses[name] = float(history[-1]["train_loss"][name])
+    return losses
+
+
+def build_objective(recipe: Recipe, rundir: RunDir, net: BranchedNet, tasks: Sequence[Task]) -> Any:
+    """The fine-tuning objective of ``[finetune]`` (see :mod:`branchnas.distill`), or ``None``."""
+    from branchnas.distill import FinetuneObjective, Teachers
+    from branchnas.stages.pretrain import load_single_task
+
+    cfg = recipe.finetune
+    names = [t.name for t in tasks]
+    if not (cfg.distill or cfg.distill_features or cfg.balance != "none"):
+        return None
+    teachers = None
+    if cfg.distill or cfg.distill_features:
+        teachers = Teachers({n: load_single_task(recipe, rundir, n) for n in names})
+    scale = None
+    if cfg.balance == "single_task":
+        scale = {n: 1.0 / max(loss, 1e-8) for n, loss in single_task_losses(rundir, names).items()}
+    paths = {n: net.task_path(n) for n in names}
+    return FinetuneObjective(tasks, teachers, outputs=cfg.distill, features=cfg.distill_features,
+                             temperature=cfg.distill_temperature, scale=scale, paths=paths)
 
 
 # --------------------------------------------------------------------------- reporting

@@ -260,3 +260,45 @@ def test_bad_inputs_are_user_errors():
         Trainer({"colour": tiny_model(COLOUR)}, [COLOUR], config(), batch_size=8, seed=0, concurrent="fast")
     with pytest.raises(ValueError, match="one model per task"):
         Trainer({"colour": tiny_model(COLOUR)}, [COLOUR, ODD], config(), batch_size=8, seed=0)
+
+
+def test_keep_best_scores_epochs_against_a_reference_and_restores_the_best():
+    # As early stopping's test, but without stopping: all 4 epochs run, and keep_best ends with
+    # the weights of epoch 1, the best against the reference (Δ_MTL-style relative change).
+    train, val = make_split(96, 1), make_split(96, 2, flip=("colour",))
+    cfg = config(epochs=4, schedule="constant")
+    model = tiny_model(COLOUR)
+    reference = {"colour": {"accuracy": 0.5}}
+    result = Trainer(model, [COLOUR], cfg, batch_size=32, seed=0, progress=False, reference=reference,
+                     keep_best=True).fit(train, val)
+    assert result["epochs"] == 4 and not result["stopped_early"] and result["best_epoch"] == 1
+    scores = [h["val"]["colour"]["accuracy"] for h in result["history"]]
+    assert scores[0] == max(scores)
+    one_epoch = tiny_model(COLOUR)
+    Trainer(one_epoch, [COLOUR], dataclasses.replace(cfg, epochs=1), batch_size=32, seed=0,
+            progress=False).fit(train, val)
+    assert_same(weights(model), weights(one_epoch))
+
+
+def test_the_objective_hook_changes_what_is_optimised():
+    # An objective that zeroes the colour loss leaves the weights where they started.
+    train = make_split(64, 1)
+    model = tiny_model(COLOUR)
+    before = weights(model)
+
+    class Zero:
+        wants_features = False
+
+        def to(self, device):
+            return self
+
+        def __call__(self, images, outputs, losses, targets, features=None):
+            assert features is None and set(outputs) == {"colour"}
+            return {name: value * 0.0 for name, value in losses.items()}
+
+    Trainer(model, [COLOUR], config(epochs=1, weight_decay=0.0, momentum=0.0), batch_size=32, seed=0,
+            progress=False, objective=Zero()).fit(train)
+    after = weights(model)
+    for key in before:
+        if "running" not in key and "num_batches" not in key:  # BN statistics still follow the data
+            assert torch.equal(before[key], after[key]), key

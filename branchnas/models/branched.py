@@ -237,6 +237,12 @@ class BranchedNet(nn.Module):
         Returns:
             ``{task: output}`` in the network's task order.
         """
+        return self.forward_features(x, tasks)[0]
+
+    def forward_features(self, x: Tensor, tasks: list[str] | None = None
+                         ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Like :meth:`forward`, also returning every computed node's output ``{node: features}``
+        (``"stem"`` included); :meth:`task_path` says which nodes a task passes through."""
         wanted: list[str] = self.task_names if tasks is None else tasks
         for t in wanted:
             if t not in self.task_names:
@@ -257,7 +263,12 @@ class BranchedNet(nn.Module):
             if task in wanted:
                 out[task] = head(features[self.head_inputs[j]])
             j += 1
-        return out
+        return out, features
+
+    @torch.jit.unused
+    def task_path(self, task: str) -> list[str]:
+        """The nodes ``task`` passes through, one per block (branch point), in order."""
+        return [name for name, _ in self.plan if task in self.node_groups[name]]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters of the stem and of every node that serves two or more tasks (PCGrad)."""

@@ -81,6 +81,15 @@ class Trainer:
         progress: Show a progress bar (stderr).
         on_step: Called after every optimizer step with ``{"epoch", "batch", "step"}``
             (0-based epoch and batch, 1-based step); a hook for tests and monitors.
+        objective: One model only: called as ``objective(images, outputs, losses, targets,
+            features)`` after each batch's task losses and returning the per-task losses to
+            optimise (distillation, balancing: :class:`branchnas.distill.FinetuneObjective`).
+            When ``objective.wants_features`` the model's ``forward_features`` runs instead of
+            its forward, and ``features`` are its node outputs.
+        reference: ``{task: {metric: value}}`` that each epoch's validation metrics are
+            scored against (the mean relative change of the primary metrics: Δ_MTL against the
+            single-task models); default: the first validated epoch.
+        keep_best: End with the weights of the best-scoring epoch, not the last one.
 
     Raises:
         UserError: a bad device, optimizer or concurrent mode.
@@ -102,6 +111,9 @@ class Trainer:
         concurrent: str = "auto",
         progress: bool = True,
         on_step: Callable[[dict[str, int]], None] | None = None,
+        objective: Any = None,
+        reference: Mapping[str, Mapping[str, float]] | None = None,
+        keep_best: bool = False,
     ) -> None:
         from branchnas.weighting import Uniform
 
@@ -117,6 +129,8 @@ class Trainer:
         self.desc = desc
         self.progress = progress
         self.on_step = on_step
+        self.objective = objective
+        self.keep_best = bool(keep_best)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.device = resolve_device(cfg.device, f"{self.section}.device")
         self.channels_last = self.device.type == "cuda"
@@ -149,6 +163,13 @@ class Trainer:
             if hasattr(member_weighting, "to"):
                 member_weighting.to(self.device)
             self.members.append(_Member(name, module, member_tasks, member_weighting, cfg, self.seed, self.device))
+        if objective is not None:
+            if not self.single:
+                raise ValueError("objective: one model only (fine-tuning)")
+            objective.to(self.device)
+        if reference is not None:
+            for member in self.members:  # score epochs against it (Δ_MTL vs single-task) instead of epoch 1
+                member.reference = {k: dict(v) for k, v in reference.items()}
         self.stack_reason = _stackable(self.members)
         if concurrent == "stacked" and self.stack_reason and len(self.members) > 1:
             raise UserError(f"concurrent='stacked' is not possible here: {self.stack_reason}; use 'shared'")
@@ -233,7 +254,7 @@ class Trainer:
                     self._epoch(group, train, val, epoch, bar)
             finally:
                 bar.close()
-        if self.cfg.patience > 0:
+        if self.cfg.patience > 0 or self.keep_best:
             for member in self.members:
                 member.restore_best()
         results = {m.name: m.result() for m in self.members}
@@ -299,7 +320,7 @@ class Trainer:
             m.reference = metrics
         score = _score(m.tasks, metrics, m.reference)
         if _better(score, m.best["score"] if m.best else None):
-            keep = self.cfg.patience > 0  # the weights are needed only to restore them
+            keep = self.cfg.patience > 0 or self.keep_best  # the weights are needed only to restore them
             m.best = {"epoch": epoch + 1, "score": score, "val": metrics,
                       "state": _state_to_cpu(m.model.state_dict()) if keep else None}
             m.bad_epochs = 0
@@ -341,9 +362,15 @@ class Trainer:
         for m in group:
             with m.rng():
                 m.optimizer.zero_grad(set_to_none=True)
+                features = None
                 with _autocast(self.device):
-                    outputs = m.model(images)
+                    if self.objective is not None and self.objective.wants_features:
+                        outputs, features = m.model.forward_features(images)
+                    else:
+                        outputs = m.model(images)
                 losses = m.losses(outputs, targets)
+                if self.objective is not None:
+                    losses = self.objective(images, outputs, losses, targets, features)
                 weights[m.name] = m.weighting.backward(losses, m.shared)
             all_losses.append(losses)
         self._check_finite(group, all_losses, epoch, index)

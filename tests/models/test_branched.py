@@ -322,3 +322,20 @@ def test_scripted_equals_eager_with_a_head_of_every_kind():
         assert script[t].shape == eager[t].shape
         torch.testing.assert_close(script[t], eager[t], rtol=0, atol=1e-6)
     assert eager["attr"].shape == (2,) and eager["normals"].shape == (2, 3, 16, 16)
+
+
+def test_forward_features_gives_each_tasks_path_and_the_same_outputs():
+    net = build("mixed")
+    x = images()
+    outputs, features = net.forward_features(x)
+    assert net.task_path("c") == ["b0_0_1_2", "b1_0_2", "b2_2"] and net.task_path("b") == ["b0_0_1_2", "b1_1", "b2_1"]
+    with torch.no_grad():
+        h = net.stem(x)
+        for node in net.task_path("c"):  # recompute c's path by hand from the nodes
+            h = net.nodes[node](h)
+        torch.testing.assert_close(features["b2_2"], h, rtol=0, atol=0)
+        torch.testing.assert_close(outputs["c"], net.heads["c"](h), rtol=0, atol=0)
+        for task, value in net(x).items():
+            torch.testing.assert_close(value, outputs[task], rtol=0, atol=0)
+    scripted = torch.jit.script(net)
+    torch.testing.assert_close(scripted(x)["a"], outputs["a"], rtol=0, atol=1e-6)
