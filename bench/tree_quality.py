@@ -108,16 +108,16 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Pretrain and affinity once, then the picked and random trees at every budget."""
     import numpy as np
 
-    from branchnas import affinity as affinity_stage
     from branchnas.compare import random_trees_of_similar_size
     from branchnas.cost import recipe_costs
     from branchnas.data import load_splits
     from branchnas.finetune import finetune_tree
-    from branchnas.finetune import stage_config as finetune_config
     from branchnas.pipeline import run_pipeline
     from branchnas.recipe import load_recipe
     from branchnas.rundir import fingerprint
     from branchnas.search import search
+    from branchnas.stages import get_stage
+    from branchnas.stages.affinity import read_affinity
     from branchnas.stages.pretrain import read_metrics
     from branchnas.tree import Tree
 
@@ -135,7 +135,7 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
               f"chance {entry.get('chance', {}).get(metric, float('nan')):.4f}")
 
     costs, names, points = recipe_costs(recipe)
-    data = affinity_stage.load_affinity(rundir)
+    data = read_affinity(rundir)
     order = [data["tasks"].index(t) for t in names]
     matrix = np.asarray(data["affinity"], dtype=np.float64)[:, order][:, :, order]
     depth = costs.num_blocks
@@ -145,7 +145,7 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     # Fine-tunings are kept per configuration: a changed recipe never reuses a stale one.
     pretrain_fp = rundir.stage_entry("pretrain")["fingerprint"]
-    folder = rundir.path / "tree_quality" / fingerprint(finetune_config(recipe), pretrain_fp)
+    folder = rundir.path / "tree_quality" / fingerprint(get_stage("finetune").config(recipe, {}), pretrain_fp)
     splits = load_splits(recipe)
     done: dict[Any, float] = {}
 

@@ -139,6 +139,19 @@ def _f(value: Any) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
 
 
+def _trust(rundir: RunDir) -> list[str]:
+    """The "how much to trust the pick" section (see :mod:`branchnas.trust`)."""
+    from branchnas.stages.affinity import read_affinity
+    from branchnas.stages.compare import read_comparison
+    from branchnas.stages.search import read_result, read_runners_up
+    from branchnas.trust import trust_section
+
+    result, _ = read_result(rundir)
+    affinity = read_affinity(rundir) if _done(rundir, "affinity") else None
+    comparison = read_comparison(rundir) if _done(rundir, "compare") else None
+    return trust_section(result, read_runners_up(rundir), affinity, comparison)
+
+
 def _finetune_report(rundir: RunDir) -> dict[str, Any] | None:
     if not _done(rundir, "finetune"):
         return None
@@ -241,6 +254,9 @@ def write_report(rundir: RunDir) -> Path:
 
                 out += ["Compared models (`branchnas compare`):", "",
                         (read_comparison_markdown(rundir) or "").strip(), ""]
+
+    if _done(rundir, "search"):
+        out += _trust(rundir)
 
     export = stages.get("export")
     if export and _done(rundir, "export"):

@@ -20,7 +20,11 @@ from typing import Any
 from branchnas.errors import BudgetError, UserError
 from branchnas.stages._base import Artifact, Stage, StageContext, get_stage, register_stage
 
-__all__ = ["SearchStage", "feasible_budget", "read_result", "read_ranked", "read_tree", "read_block_costs"]
+__all__ = ["SearchStage", "feasible_budget", "read_result", "read_ranked", "read_tree", "read_block_costs", "read_runners_up"]
+
+
+#: Trees after the chosen one that the search records, for the report's "how much to trust it".
+RUNNERS_UP = 5
 
 
 @register_stage
@@ -137,8 +141,11 @@ def _search(recipe: Any, rundir: Any, folder: Path, affinity_file: str | None) -
     else:
         matrix = _align(read_affinity(rundir), tasks, points, "affinity/affinity.npz")
     cfg = recipe.search
-    result = search(matrix, costs, feasible_budget(recipe, costs), metric=cfg.metric, mode=cfg.mode, top=cfg.top,
-                    tasks=tasks, points=points, pareto=True, exact_limit=cfg.exact_limit)
+    # The runners-up (how close the pick is to its alternatives) come from the same pass.
+    wide = search(matrix, costs, feasible_budget(recipe, costs), metric=cfg.metric, mode=cfg.mode,
+                  top=max(cfg.top, RUNNERS_UP + 1), tasks=tasks, points=points, pareto=True,
+                  exact_limit=cfg.exact_limit)
+    result = dataclasses.replace(wide, ranked=wide.ranked[: cfg.top])
     shared = Tree.all_shared(len(tasks), len(points), tasks=tasks, points=points)
     separate = Tree.all_separate(len(tasks), len(points), tasks=tasks, points=points)
     extremes = {
@@ -150,6 +157,7 @@ def _search(recipe: Any, rundir: Any, folder: Path, affinity_file: str | None) -
     data = result.to_json()
     pareto = data.pop("pareto")
     data["extremes"] = extremes
+    data["runners_up"] = [scored.to_json() for scored in wide.ranked[1: RUNNERS_UP + 1]]
     data["block_costs"] = costs.to_dict()
     atomic_write_json(folder / "tree.json", data)
     atomic_write_json(folder / "pareto.json", {"metric": result.metric, "front": pareto})
@@ -176,8 +184,16 @@ def read_result(rundir: Any) -> tuple[Any, dict[str, Any]]:
     front = _read_json(rundir, "pareto.json")["front"] if pareto.exists() else None
     extremes = data.pop("extremes", {})
     data.pop("block_costs", None)
+    data.pop("runners_up", None)
     data["pareto"] = front
     return SearchResult.from_json(data), extremes
+
+
+def read_runners_up(rundir: Any) -> list[Any]:
+    """The next-best trees after the chosen one (:class:`~branchnas.search.ScoredTree`), best first."""
+    from branchnas.search import ScoredTree
+
+    return [ScoredTree.from_json(s) for s in _read_json(rundir, "tree.json").get("runners_up", [])]
 
 
 def read_ranked(rundir: Any) -> list[Any]:
