@@ -1,7 +1,8 @@
 """Is the chosen tree better than random trees of the same size?
 
-For each recipe (default: shapes and digits) this trains the single-task models and measures
-the task affinity once, then, at each of several parameter budgets:
+For each recipe (default: shapes, digits and ``planted``, a dataset with known structure from
+``bench/planted.py``) and each seed (``--seeds 0,1``) this trains the single-task models and
+measures the task affinity once, then, at each of several parameter budgets:
 
 1. searches the tree with the least clustering cost that fits the budget (what branchnas picks);
 2. draws ``--random`` random trees within ±``--tolerance`` of the picked tree's parameters
@@ -15,6 +16,11 @@ Budgets are fractions of the way from the all-shared size to the all-separate si
 (``--budgets digits=12k,17k,21k``: for one recipe only). A recipe with few tree sizes (digits:
 4 tasks on LeNet-5's 2 branch points make 60 trees in 10 size classes) needs budgets that
 land in different classes.
+
+It then reports, over every fine-tuned tree, the Spearman correlation between a tree's
+clustering cost and its Δ_MTL, for the paper's cost and two alternatives (:data:`COSTS`):
+published work found RSA affinity a poor predictor of multi-task outcomes, so this is
+measured, not assumed.
 
 Deterministic and resumable: every random choice takes the recipe seed, and everything is
 written under ``--out`` (one run directory per recipe, with the fine-tuned trees in
@@ -99,6 +105,61 @@ def budget_values(specs: Sequence[str], name: str, smallest: int, largest: int) 
     return out
 
 
+#: Clustering costs compared as predictors of Δ_MTL: the paper's and alternatives (all from A).
+COSTS = ("paper", "size_weighted", "mean_pairwise")
+
+
+def tree_cost(tree: Any, affinity: Any, kind: str) -> float:
+    """A tree's clustering cost: ``paper`` is Σ_d mean_g max (1 − A) (the search's); the others
+    weight each group by its share of the tasks (``size_weighted``: its max, ``mean_pairwise``:
+    its mean pairwise dissimilarity)."""
+    import itertools
+
+    import numpy as np
+
+    from branchnas.search import clustering_cost
+
+    if kind == "paper":
+        return clustering_cost(tree, affinity)
+    n = len(tree.tasks)
+    total = 0.0
+    for d, partition in enumerate(tree.partitions):
+        for group in partition:
+            if len(group) < 2:
+                continue
+            dis = [1 - float(affinity[d, i, j]) for i, j in itertools.combinations(group, 2)]
+            total += len(group) / n * (max(dis) if kind == "size_weighted" else float(np.mean(dis)))
+    return total
+
+
+def best_tree(kind: str, affinity: Any, costs: Any, budget: int, names: Sequence[str],
+              points: Sequence[str], limit: int = 400_000) -> Any:
+    """The tree with the least ``kind`` cost within ``budget`` params, by enumeration (None if too many)."""
+    from branchnas.search import count_trees, enumerate_trees
+    from branchnas.tree import Tree
+
+    n, depth = len(names), costs.num_blocks
+    if count_trees(n, depth) > limit:
+        return None
+    best, best_key = None, None
+    for chain in enumerate_trees(n, depth):
+        size = costs.size([len(p) for p in chain], "params")
+        if size > budget:
+            continue
+        tree = Tree([[list(g) for g in p] for p in chain], tasks=list(names), points=list(points))
+        key = (tree_cost(tree, affinity, kind), size)
+        if best_key is None or key < best_key:
+            best, best_key = tree, key
+    return best
+
+
+def spearman(costs: Sequence[float], deltas: Sequence[float]) -> float:
+    """Spearman correlation of cost and Δ_MTL (negative: lower cost, better network)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(costs, deltas).statistic) if len(set(costs)) > 1 and len(set(deltas)) > 1 else float("nan")
+
+
 def rank_of(picked: float, others: Sequence[float]) -> int:
     """1-based rank of ``picked`` among ``picked`` and ``others`` (higher is better; ties favour none)."""
     return 1 + sum(value > picked for value in others)
@@ -121,7 +182,16 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from branchnas.stages.pretrain import read_metrics
     from branchnas.tree import Tree
 
-    recipe = load_recipe(ROOT / "recipes" / f"{name}.toml", recipe_overrides(args, name))
+    base, seed = name.split("@") if "@" in name else (name, "0")
+    sets = recipe_overrides(args, base) + [f"seed={seed}", f'name="{base}-seed{seed}"']
+    if base == "planted":  # generated here: the structure is known (bench/planted.py)
+        sys.path.insert(0, str(ROOT / "bench"))
+        import planted
+
+        path = planted.write(Path(args.out) / "planted.npz", args.num_train + args.num_val + args.num_test)
+        sets = [*planted.recipe_overrides(path), *sets]
+        base = "shapes"  # the rest of the default recipe (backbone, training settings)
+    recipe = load_recipe(ROOT / "recipes" / f"{base}.toml", sets)
     started = time.perf_counter()
     rundir, _ = run_pipeline(recipe, until="affinity")
     print(f"\n[{name}] run directory {rundir.path}; pretrain + affinity {time.perf_counter() - started:.0f} s",
@@ -176,7 +246,20 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             picked_delta = delta(picked)
             random_deltas = sorted((delta(t) for t in randoms), reverse=True)
             median = statistics.median(random_deltas) if random_deltas else float("nan")
+            trees = [picked, *randoms]
+            alternatives = {}
+            for kind in COSTS[1:]:  # what each other cost would have picked, ranked on the same trees
+                other = best_tree(kind, matrix, costs, budget, names, points)
+                if other is None:
+                    continue
+                other_delta = delta(other)
+                alternatives[kind] = {"tree": tree_label(other), "delta": other_delta,
+                                      "rank": rank_of(other_delta, random_deltas),
+                                      "beats_median": bool(random_deltas) and other_delta > median}
             rows.append({
+                "alternatives": alternatives,
+                "costs": {kind: [tree_cost(t, matrix, kind) for t in trees] for kind in COSTS},
+                "deltas": [picked_delta, *(done[t.partitions] for t in randoms)],
                 "budget": budget, "label": label, "picked": tree_label(picked),
                 "picked_params": result.best.params, "picked_cost": result.cost,
                 "picked_delta": picked_delta, "random_deltas": random_deltas,
@@ -209,7 +292,9 @@ def format_table(name: str, rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", default="shapes,digits", help="comma-separated recipe names in recipes/")
+    parser.add_argument("--recipes", default="shapes,digits,planted",
+                        help="comma-separated recipe names in recipes/, or planted (bench/planted.py)")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated recipe seeds (data, weights, random trees)")
     parser.add_argument("--out", default="runs-bench/tree-quality", help="parent of the run directories (reused)")
     parser.add_argument("--budgets", action="append", default=[], metavar="[RECIPE=]LIST",
                         help="comma-separated fractions of the way from the all-shared to the all-separate "
@@ -238,15 +323,33 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
+    seeds = [s.strip() for s in args.seeds.split(",") if s.strip()]
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        results[name] = bench_recipe(name, args)
+        for seed in seeds:
+            results[f"{name}@{seed}"] = bench_recipe(f"{name}@{seed}", args)
     print(f"\nsettings: {' '.join(sys.argv[1:]) or '(defaults)'}; wall time {time.perf_counter() - started:.0f} s")
     for name, rows in results.items():
         print()
         print(format_table(name, rows))
     rows = [row for r in results.values() for row in r]
     wins = sum(row["beats_median"] for row in rows)
-    print(f"\npicked beats the median random tree at {wins} of {len(rows)} budgets")
+    print(f"\npicked beats the median random tree at {wins} of {len(rows)} budgets (the paper's cost)")
+    for kind in COSTS[1:]:
+        alt = [row["alternatives"][kind] for row in rows if kind in row.get("alternatives", {})]
+        if alt:
+            print(f"    with the {kind} cost: {sum(a['beats_median'] for a in alt)} of {len(alt)} budgets; ranks "
+                  + " ".join(f"{a['rank']}" for a in alt))
+    print("\nSpearman correlation of clustering cost with Δ_MTL over every fine-tuned tree "
+          "(negative = lower cost, better network; per run: pooled over its budgets):")
+    for kind in COSTS:
+        per = []
+        for name, rs in results.items():
+            costs = [c for r in rs for c in r["costs"][kind]]
+            deltas = [d for r in rs for d in r["deltas"]]
+            per.append(f"{name} {spearman(costs, deltas):+.2f}")
+        within = [spearman(r["costs"][kind], r["deltas"]) for r in rows]
+        mean_within = sum(w for w in within if w == w) / max(1, sum(1 for w in within if w == w))
+        print(f"    {kind:<14} per run: {', '.join(per)}; mean within a budget {mean_within:+.2f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "tree_quality.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0

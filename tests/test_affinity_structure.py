@@ -1,14 +1,16 @@
 """Task affinity finds the factor structure of the ``shapes`` data on a small real run.
 
-Stage 1 trains one single-task model per task, stage 2 measures their RSA affinity; at the
-deepest branch point, tasks whose targets share a generative factor
-(:data:`branchnas.data.shapes.FACTORS`) must come out clearly more related than tasks that
-share none. Pairs are derived from ``FACTORS``, not written out here.
+Stage 1 trains one single-task model for each of the seven default tasks, stage 2 measures
+their RSA affinity. At the deepest branch point, task pairs whose targets share more
+generative factors (:data:`branchnas.data.shapes.FACTORS`) must come out more related: the
+mean affinity of the pairs that share no factor, one factor and three or more must rise in
+that order, and pairs that share a factor must beat pairs that share none. Pairs and their
+levels are derived from ``FACTORS``, not written out here.
 
-The tasks are ``depth`` and ``edges`` (factor ``geometry``) and ``colour`` (its own factor):
-the tasks for which the table's "shares no factor" is true of the target maps and whose
-models learn in a few epochs. docs/affinity-on-shapes.md has the measurements behind this
-choice and the configuration (12 seeds; the other tasks and why they are left out).
+What is *not* asserted, because it does not hold on every seed: that every factor-sharing
+pair beats every pair that shares none (``normals`` barely learns in this run, and
+``shape``/``count`` share no factor yet often look alike), and the ordering with the pairs of
+``normals`` included. docs/affinity-on-shapes.md has the measurements on 10 seeds.
 """
 
 from __future__ import annotations
@@ -21,18 +23,26 @@ import pytest
 import torch
 
 from branchnas import affinity
+from branchnas.affinity import resampled_affinity
+from branchnas.data import get_family
 from branchnas.data.shapes import FACTORS
 from branchnas.pipeline import run_stages
 from branchnas.pretrain import metrics_table
 from branchnas.recipe import load_recipe
+from branchnas.stages import get_stage
 from branchnas.stages.affinity import read_affinity
 from branchnas.stages.pretrain import read_metrics
 
-TASKS = {"depth": "depth", "edges": "edges", "colour": "classification"}
+TASKS = {t.name: t.kind for t in get_family("shapes").default_tasks()}
 
-#: The smallest configuration found whose gap held on each of 12 seeds (0.15 to 0.38; 0.17 at
-#: seed 0). With 3 epochs it fell below MARGIN on 2 of 12; narrower encoders, 24x24 images,
-#: 640 training images or 2 epochs each failed on some seed.
+#: Tasks whose pairs are left out of the ordering checks: after 4 epochs the normals model's
+#: test mean angle is within 0.1 to 1.6 degrees of chance on every seed measured, so its
+#: representation is close to its initial weights and its affinities swing from seed to seed
+#: (0.13 to 0.77). Its pairs still count in the check over all pairs.
+NOT_LEARNED = ("normals",)
+
+#: The configuration of the 3-task version of this test (12 seeds measured there), with the
+#: seven default tasks. 4 epochs is the least that held; 7 models cost ~52 s of CPU.
 OVERRIDES = [
     "tasks=[" + ", ".join(f'{{name="{n}", kind="{k}"}}' for n, k in TASKS.items()) + "]",
     "seed=0",
@@ -43,17 +53,22 @@ OVERRIDES = [
     "affinity.images=100", "affinity.batch_size=100", "affinity.bootstrap=200",
 ]
 
-#: Required gap between the least related factor-sharing pair and the most related pair
-#: sharing no factor (point estimates at the deepest branch point).
-MARGIN = 0.10
+#: Least rise of the mean affinity from one level of shared factors to the next (seeds 0 to 9:
+#: at least 0.082), and least lead of the factor-sharing pairs over the pairs sharing none,
+#: all 21 pairs (at least 0.083).
+STEP = 0.04
+#: Least lead of the pairs sharing the most factors over the pairs sharing none (at least 0.30).
+GAP = 0.20
+#: Paired bootstrap resamples of the K images: every difference above must also have its
+#: 2.5% percentile above 0 (seeds 0 to 9: at least 0.025).
+RESAMPLES = 200
 
 
 @pytest.fixture
 def one_thread():
     """One CPU thread, as the other end-to-end tests use. Two are no faster here (24 s either
-    way; 430 s with spinning OpenMP waits on a busy machine), and the thread count changes the
-    trained weights' rounding, so the affinities in the second decimal (gap 0.171 with one,
-    0.154 with two)."""
+    way for 3 tasks; 430 s with spinning OpenMP waits on a busy machine), and the thread count
+    changes the trained weights' rounding, so the affinities in the second decimal."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -65,7 +80,7 @@ def factors_of(target: str) -> frozenset[str]:
 
 
 @pytest.mark.slow
-def test_tasks_sharing_a_factor_have_clearly_higher_affinity_at_the_deepest_point(
+def test_tasks_sharing_more_factors_have_higher_affinity_at_the_deepest_point(
     tmp_path, record_property, one_thread
 ):
     recipe = load_recipe(None, [f"out={json.dumps(str(tmp_path))}", "name=structure", *OVERRIDES])
@@ -80,9 +95,10 @@ def test_tasks_sharing_a_factor_have_clearly_higher_affinity_at_the_deepest_poin
         assert found, f"task '{name}' reads a target in no factor of FACTORS: {FACTORS}"
 
     pairs = list(itertools.combinations(range(len(names)), 2))
-    sharing = [(i, j) for i, j in pairs if factors[i] & factors[j]]
-    unrelated = [(i, j) for i, j in pairs if (i, j) not in sharing]
-    assert sharing and unrelated, "the tasks must give both kinds of pair"
+    shared = {p: len(factors[p[0]] & factors[p[1]]) for p in pairs}
+    learned = [p for p in pairs if not {names[p[0]], names[p[1]]} & set(NOT_LEARNED)]
+    levels = sorted({shared[p] for p in learned})
+    assert len(levels) >= 3 and levels[0] == 0, f"the tasks must give pairs of at least 3 levels: {levels}"
 
     mean_by_depth = [float(np.mean([a[d, i, j] for i, j in pairs])) for d in range(len(points))]
     decreasing = all(x > y for x, y in itertools.pairwise(mean_by_depth))
@@ -93,27 +109,43 @@ def test_tasks_sharing_a_factor_have_clearly_higher_affinity_at_the_deepest_poin
     )
     record_property("mean_affinity_by_depth", json.dumps(dict(zip(points, mean_by_depth, strict=True))))
 
-    d = len(points) - 1  # the deepest branch point
-    least = min(sharing, key=lambda p: a[d][p])
-    most = max(unrelated, key=lambda p: a[d][p])
-    gap = a[d][least] - a[d][most]
-    record_property("deepest_gap", round(float(gap), 4))
+    def mean(deepest: np.ndarray, among: list[tuple[int, int]], wanted: set[int]) -> float:
+        return float(np.mean([deepest[p] for p in among if shared[p] in wanted]))
 
-    def pair(p: tuple[int, int]) -> str:
-        return f"{names[p[0]]}/{names[p[1]]}"
+    top = f"{levels[-1]} vs 0 shared factors"
+    sharing = set(shared.values()) - {0}
+
+    def contrasts(deepest: np.ndarray) -> dict[str, float]:
+        """The asserted differences between mean affinities at the deepest point."""
+        out = {f"{hi} vs {lo} shared factors": mean(deepest, learned, {hi}) - mean(deepest, learned, {lo})
+               for lo, hi in itertools.pairwise(levels)}
+        out[top] = mean(deepest, learned, {levels[-1]}) - mean(deepest, learned, {0})
+        out["any vs no shared factor, all pairs"] = mean(deepest, pairs, sharing) - mean(deepest, pairs, {0})
+        return out
+
+    d = len(points) - 1  # the deepest branch point
+    found = contrasts(a[d])
+    # Paired bootstrap: the same resampled K images for every task, so that the pairs move
+    # together (per-pair intervals would overstate the uncertainty of a difference).
+    folder = get_stage("affinity").folder(rundir) / "rdms"
+    rdms = torch.stack([torch.load(folder / f"{n}.pt", weights_only=True)[d:d + 1] for n in names])
+    generator = torch.Generator().manual_seed(0)
+    k = rdms.shape[-1]
+    resampled = [contrasts(resampled_affinity(rdms, torch.randint(k, (k,), generator=generator)).numpy()[0])
+                 for _ in range(RESAMPLES)]
+    bounds = {key: float(np.quantile([r[key] for r in resampled], 0.025)) for key in found}
+    record_property("deepest_contrasts", json.dumps({key: round(v, 4) for key, v in found.items()}))
 
     report = (
-        f"\nleast related factor-sharing pair {pair(least)} {a[d][least]:.3f} "
-        f"[{low[d][least]:.3f}, {high[d][least]:.3f}]; most related pair sharing no factor "
-        f"{pair(most)} {a[d][most]:.3f} [{low[d][most]:.3f}, {high[d][most]:.3f}]; gap {gap:.3f} "
-        f"(need >= {MARGIN})\n{trend}\n\n"
+        f"\nmean affinity at {points[d]} by number of shared factors (without {', '.join(NOT_LEARNED)}): "
+        + ", ".join(f"{n}: {mean(a[d], learned, {n}):.3f}" for n in levels) + "\n"
+        + "\n".join(f"{key}: {v:+.3f} (bootstrap 2.5% {bounds[key]:+.3f})" for key, v in found.items())
+        + f"\n{trend}\n\n"
         f"{affinity.format_affinity(a, names, points, low, high)}\n\n"
         f"{metrics_table(read_metrics(rundir))}"
     )
     print(report)
-    assert gap >= MARGIN, f"affinity misses the factor structure at {points[d]}:{report}"
-    # The gap is larger than the uncertainty from the choice of the K images: each
-    # factor-sharing pair's bootstrap interval lies above every unrelated pair's estimate, and
-    # each unrelated pair's interval below every factor-sharing pair's estimate.
-    assert min(low[d][p] for p in sharing) > a[d][most], f"bootstrap interval overlaps:{report}"
-    assert max(high[d][p] for p in unrelated) < a[d][least], f"bootstrap interval overlaps:{report}"
+    for key, value in found.items():
+        need = GAP if key == top else STEP
+        assert value >= need, f"affinity misses the factor structure at {points[d]}: {key} {value:.3f} < {need}:{report}"
+        assert bounds[key] > 0, f"{key}: the bootstrap interval reaches 0:{report}"

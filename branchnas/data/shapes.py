@@ -2,23 +2,33 @@
 
 Each image shows 1 to ``max_objects`` shapes (circle, square, triangle, diamond, cross), each
 a tilted plane at its own depth in front of a tilted background plane, lit from the upper
-left and dimmed with distance. The scene is drawn from independent *factors*, and every
-target reads only some of them, so that tasks which share a factor are related and others
-are not (task affinity has real structure):
+left and dimmed with distance. The scene is drawn from independent *factors*; each target
+is a function of only some of them, so tasks that share a factor are related and tasks that
+share none are less so (task affinity has real structure):
 
-=========  =================================================  ===========================
-factor     what is drawn                                      targets it drives
-=========  =================================================  ===========================
-shape      each object's shape class (distinct in a scene)    segmentation, shape
-geometry   positions, sizes, depths, tilts, background plane  depth, normals, edges, floor, distance
-colour     each object's colour class, independent of shape   colour
-count      the number of objects                              count
-=========  =================================================  ===========================
+========  ====================================================  ===========================================
+factor    what is drawn                                         targets whose value depends on it
+========  ====================================================  ===========================================
+shape     each object's shape class (distinct in a scene)       segmentation, edges, depth, normals, shape
+layout    each object's position and size, and its place in     segmentation, edges, depth, normals
+          the occlusion order (nearer hides farther)
+count     the number of objects                                 segmentation, edges, depth, normals, count
+tilt      each object's tilt, and the background's: a floor     depth, normals, floor
+          receding upwards or a wall facing the camera
+distance  each object's depth, and the background's             depth, distance
+colour    each object's colour class, independent of shape      colour
+========  ====================================================  ===========================================
 
-The layout (where the objects are) necessarily shapes every dense map, and which object is
-the largest (so whose shape and colour the ``shape`` and ``colour`` targets report) comes
-from the geometry; but the *values* of ``shape``, ``colour`` and ``count`` are independent
-draws. :data:`FACTORS` holds the table as data.
+A target depends on a factor when changing that factor alone, every other draw held, can
+change the target. ``edges`` is exactly the boundary map of ``segmentation`` (the shape
+classes in a scene are distinct), so the two read the same factors; ``normals`` reads only
+the tilts, not the depths. The ``shape`` and ``colour`` labels report the main object, which
+is the largest visible object in every scene that passes the layout checks; the layout
+decides where a model must look for it, but not the label's value. The values of the
+per-image labels ``shape``, ``colour``, ``count``, ``floor`` and ``distance`` are independent
+draws of different factors. The colour jitter, the background's grey level and the pixel
+noise reach only the image. :data:`FACTORS` holds the table as data; docs/datasets.md says
+how it was checked.
 
 Generation is vectorised numpy, in fixed chunks of 256 scenes seeded by ``(seed, split,
 chunk)``: the first ``n`` images of a split do not depend on how many are asked for.
@@ -49,12 +59,15 @@ COLOURS = {
     "yellow": (0.95, 0.85, 0.15),
     "cyan": (0.10, 0.80, 0.85),
 }
-#: factor -> the targets whose values it drives (see the module docstring)
+#: factor -> the targets whose values depend on it (see the module docstring); a target may
+#: be under several factors
 FACTORS: dict[str, tuple[str, ...]] = {
-    "shape": ("segmentation", "shape"),
-    "geometry": ("depth", "normals", "edges", "floor", "distance"),
+    "shape": ("segmentation", "edges", "depth", "normals", "shape"),
+    "layout": ("segmentation", "edges", "depth", "normals"),
+    "count": ("segmentation", "edges", "depth", "normals", "count"),
+    "tilt": ("depth", "normals", "floor"),
+    "distance": ("depth", "distance"),
     "colour": ("colour",),
-    "count": ("count",),
 }
 
 _CHUNK = 256

@@ -16,14 +16,25 @@ import numpy as np
 from branchnas.cost import BlockCosts
 from branchnas.errors import UserError
 from branchnas.search._base import SearchStrategy, _Engine
-from branchnas.search.cost import _group_max, _row_level_costs
+from branchnas.search.cost import _row_level_costs
 from branchnas.search.lattice import _CHUNK, _canonical_rgs, _unique_rows
+from branchnas.search.polish import _diameters, _polish_tree, _relabel, _tree_value
+from branchnas.search.proposals import _beam_merges, _improve_cut, _linkage_cuts
 from branchnas.tree import Partition
 
 __all__ = ["MAX_CANDIDATES", "ScalableSearch"]
 
 #: Candidate partitions kept per branch point in scalable mode (40 tasks x 4 points: ~7 s).
 MAX_CANDIDATES = 5_000
+#: States kept per step of the beam over merges (:func:`branchnas.search.proposals._beam_merges`).
+BEAM_WIDTH = 5
+#: Proposals per group count and branch point that are made to nest.
+CUTS_PER_COUNT = 3
+#: Trees polished per round (the best of that many count vectors within the budget).
+SEEDS = 3
+#: The most rounds of polish, each followed by the DP over the grown candidates.
+ROUNDS = 3
+RS, RP = 1.5, 0.5
 
 
 class _CandidateEngine(_Engine):
@@ -171,62 +182,6 @@ def _refinement_edges(coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray,
     return indptr, np.concatenate(children)
 
 
-def _linkage_cuts(dis_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Complete-linkage dendrogram cut at every level: (labels after m merges, merge heights)."""
-    from scipy.cluster.hierarchy import linkage
-    from scipy.spatial.distance import squareform
-
-    n = len(dis_d)
-    labels = np.arange(n)
-    states = [labels.copy()]
-    if n == 1:
-        return np.asarray(states), np.zeros(0)
-    merges = linkage(squareform(dis_d, checks=False), method="complete")
-    members = {i: [i] for i in range(n)}
-    for r, (a, b, _, _) in enumerate(merges):
-        joined = members.pop(int(a)) + members.pop(int(b))
-        members[n + r] = joined
-        labels[joined] = n + r
-        states.append(labels.copy())
-    return np.asarray(states), merges[:, 2]
-
-
-def _improve_cut(labels: np.ndarray, dis_d: np.ndarray, max_sweeps: int = 20) -> np.ndarray:
-    """Polish a partition for one branch point's cost: move single tasks between groups.
-
-    The number of groups stays fixed and every move strictly lowers the sum of the group
-    diameters (so ``C_d``); complete linkage is greedy and often misses the best split.
-    """
-    x = np.asarray(labels, dtype=np.int64).copy()
-    k = int(x.max()) + 1
-    sizes = np.bincount(x, minlength=k)
-    diam = np.array([_group_max(np.flatnonzero(x == g), dis_d) for g in range(k)])
-    for _ in range(max_sweeps):
-        moved = False
-        for i in range(len(x)):
-            g = x[i]
-            if sizes[g] == 1:
-                continue
-            rest = np.flatnonzero(x == g)
-            rest = rest[rest != i]
-            shrunk = _group_max(rest, dis_d)
-            reach = np.zeros(k)
-            np.maximum.at(reach, x, dis_d[i])
-            grown = np.maximum(diam, reach)
-            delta = grown - diam + (shrunk - diam[g])
-            delta[g] = np.inf
-            h = int(np.argmin(delta))
-            if delta[h] < -1e-12:
-                x[i] = h
-                sizes[g] -= 1
-                sizes[h] += 1
-                diam[g], diam[h] = shrunk, grown[h]
-                moved = True
-        if not moved:
-            break
-    return x
-
-
 def _recluster_within(parents: np.ndarray, dis_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Refinements of each parent: complete linkage inside every group, all cut at one common height.
 
@@ -258,33 +213,132 @@ def _recluster_within(parents: np.ndarray, dis_d: np.ndarray) -> tuple[np.ndarra
     return np.concatenate(out), np.concatenate(owner)
 
 
-def _candidates(dis: np.ndarray, max_candidates: int, recluster: bool = False
+def _pack_rgs(rows: np.ndarray) -> np.ndarray:
+    """Restricted growth strings packed into int64 words, most significant first (same order)."""
+    count, n = rows.shape
+    bits = max(1, (n - 1).bit_length())
+    per = 63 // bits
+    words = -(-n // per)
+    padded = np.zeros((count, words * per), dtype=np.int64)
+    padded[:, :n] = rows
+    weights = np.int64(1) << (bits * np.arange(per - 1, -1, -1, dtype=np.int64))
+    return padded.reshape(count, words, per) @ weights
+
+
+def _unique_rgs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_unique_rows` for restricted growth strings, sorting a few packed words instead of N columns."""
+    if len(rows) == 0:
+        return rows, np.zeros(0, np.int64)
+    keys = _pack_rgs(rows)
+    order = np.lexsort(keys.T[::-1])
+    ordered = keys[order]
+    new = np.ones(len(rows), dtype=bool)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    inverse = np.empty(len(rows), dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return rows[order[new]], inverse
+
+
+def _windows(num_points: int) -> list[tuple[int, int]]:
+    """The windows ``[s, e]`` of consecutive branch points that get their own proposals.
+
+    All of them up to 4 points long, and every suffix: a tree usually keeps a partition
+    over a few consecutive points, and very often down to the last one.
+    """
+    return [(s, e) for s in range(num_points) for e in range(s, num_points)
+            if e - s < 4 or e == num_points - 1]
+
+
+def _point_cuts(dis: np.ndarray, width: int, per_count: int) -> list[np.ndarray]:
+    """The proposals of every branch point: at most ``per_count`` partitions per group count.
+
+    Per point ``d``: the complete-linkage cuts and their polish, then the beam states of every
+    window that contains ``d``, taken in turn by their rank within the count (so every
+    window gets its best proposals in before any gets its second best).
+    """
+    num_points, n, _ = dis.shape
+    beams = {w: _beam_merges(dis[w[0]:w[1] + 1], width) for w in _windows(num_points)}
+    out = []
+    for d in range(num_points):
+        states, _ = _linkage_cuts(dis[d])
+        states = _canonical_rgs(states).astype(np.int64)
+        polished = _canonical_rgs(np.array([_improve_cut(row, dis[d]) for row in states])).astype(np.int64)
+        # The linkage cut's polish right after the beams' best, the raw cut after their second best.
+        rows, rank = [states, polished], [np.full(len(states), RS), np.full(len(polished), RP)]
+        for (s, e), (found, score) in beams.items():
+            if s <= d <= e:
+                counts = found.max(axis=1)
+                order = np.lexsort((score, counts))
+                within = np.empty(len(found))
+                within[order] = np.arange(len(found)) - np.searchsorted(counts[order], counts[order])
+                rows.append(found)
+                rank.append(within)
+        rows_all, rank_all = np.concatenate(rows), np.concatenate(rank)
+        order = np.argsort(rank_all, kind="stable")  # by rank, then source order
+        cuts, inverse = _unique_rgs(rows_all[order])
+        first = np.full(len(cuts), len(order))
+        np.minimum.at(first, inverse, np.arange(len(order)))
+        cuts = cuts[np.argsort(first)]  # distinct proposals in priority order
+        counts = cuts.max(axis=1)
+        order = np.argsort(counts, kind="stable")
+        within = np.arange(len(cuts)) - np.searchsorted(counts[order], counts[order])
+        keep = np.sort(order[within < per_count])
+        out.append(cuts[keep])
+    return out
+
+
+def _nest(prev: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every intersection of a candidate of the previous point with a cut, without repeats.
+
+    Returns the distinct intersections and, for every (parent, intersection) pair made, the
+    parent index and the intersection index.
+    """
+    n = prev.shape[1]
+    step = max(1, _CHUNK // max(1, len(cuts) * n))
+    found, owners = [], []
+    for lo in range(0, len(prev), step):
+        part = prev[lo:lo + step].astype(np.int64)
+        rows = (part[:, None, :] * (2 * n) + cuts[None, :, :]).reshape(-1, n)
+        rows, inverse = _unique_rgs(_canonical_rgs(rows).astype(np.int64))
+        found.append(rows)
+        owners.append((np.repeat(np.arange(lo, lo + len(part)), len(cuts)), inverse))
+    cand, inverse = _unique_rgs(np.concatenate(found))
+    parents, index, offset = [], [], 0
+    for (owner, local), rows in zip(owners, found, strict=True):
+        parents.append(owner)
+        index.append(inverse[offset + local])
+        offset += len(rows)
+    return cand, np.concatenate(parents), np.concatenate(index)
+
+
+def _candidates(dis: np.ndarray, max_candidates: int, recluster: bool = False, *,
+                width: int | None = None, per_count: int | None = None,
                 ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     """Nested candidate partitions per branch point for the scalable search.
+
+    The proposals of every point (:func:`_point_cuts`) are made to nest by intersecting each
+    with every candidate of the point before; at most ``max_candidates`` per point are kept,
+    the cheapest of every group count.
 
     Returns the candidates per branch point and, between consecutive points, the CSR lists of
     the pairs (parent, refinement) that generated them.
     """
     num_points, n, _ = dis.shape
+    point_cuts = _point_cuts(dis, width or BEAM_WIDTH, per_count or CUTS_PER_COUNT)
     levels: list[np.ndarray] = []
     edges: list[tuple[np.ndarray, np.ndarray]] = []
     for d in range(num_points):
-        states, _ = _linkage_cuts(dis[d])
-        states = _canonical_rgs(states).astype(np.int64)
-        polished = np.array([_improve_cut(row, dis[d]) for row in states])
-        cuts, _ = _unique_rows(_canonical_rgs(np.concatenate([states, polished])).astype(np.int64))
+        cuts = point_cuts[d]
         if d == 0:
-            cand, _ = _unique_rows(cuts)
+            cand, _ = _unique_rgs(cuts)
         else:
-            prev = levels[-1].astype(np.int64)
-            rows = [(prev[:, None, :] * (2 * n) + cuts[None, :, :]).reshape(-1, n)]
-            owner = [np.repeat(np.arange(len(prev)), len(cuts))]
+            prev = levels[-1]
+            cand, parent, inverse = _nest(prev, cuts)
             if recluster:
-                more, whose = _recluster_within(prev, dis[d])
-                rows.append(more)
-                owner.append(whose)
-            cand, inverse = _unique_rows(_canonical_rgs(np.concatenate(rows)))
-            parent = np.concatenate(owner)
+                more, whose = _recluster_within(prev.astype(np.int64), dis[d])
+                cand, again = _unique_rgs(np.concatenate([cand, _canonical_rgs(more).astype(np.int64)]))
+                parent = np.concatenate([parent, whose])
+                inverse = np.concatenate([again[:len(again) - len(more)][inverse], again[len(again) - len(more):]])
         if len(cand) > max_candidates:
             kept = _prune_candidates(cand, dis[d], max_candidates)
             remap = np.full(len(cand), -1)
@@ -313,14 +367,74 @@ def _prune_candidates(cand: np.ndarray, dis_d: np.ndarray, limit: int) -> np.nda
     return np.sort(np.concatenate(keep))
 
 
-class ScalableSearch(SearchStrategy):
-    """Complete-linkage candidates per branch point, made to nest, then the exact DP over them.
+def _best_trees(engine: _CandidateEngine, fixed: float, block: np.ndarray, budget: float,
+                count: int) -> list[np.ndarray]:
+    """The best tree of each of the ``count`` best count vectors that fit the budget (``D x N`` labels)."""
+    node, _, value = engine.labels[0]
+    counts = engine.class_counts[engine.root_class]
+    fits = np.flatnonzero(fixed + counts.astype(np.float64) @ block <= budget)
+    order = fits[np.lexsort((fits, value[fits]))]
+    _, first = np.unique(engine.root_class[order], return_index=True)
+    trees = []
+    for root in order[np.sort(first)][:count].tolist():
+        below = engine.class_counts[engine.root_class[root]]
+        chain = [int(node[root])]
+        for d in range(engine.num_points - 1):
+            kids = engine.children(d, chain[-1], int(below[d + 1]))
+            totals = engine.values(d + 1, kids, tuple(int(c) for c in below[d + 2:]))
+            chain.append(int(kids[np.argmin(totals)]))
+        trees.append(np.stack([engine.levels[d][c] for d, c in enumerate(chain)]).astype(np.int64))
+    return trees
 
-    Per branch point, the candidates are the complete-linkage dendrogram of that point's
-    dissimilarity cut at every level, plus each cut polished by single-task moves (complete
-    linkage is greedy; the polish often lowers ``C_d`` a lot). They nest by intersecting
-    every candidate of the previous point with every cut; when a point has more than
-    ``max_candidates``, the cheapest ones of every group count are kept.
+
+def _with_trees(levels: list[np.ndarray], edges: list[tuple[np.ndarray, np.ndarray]] | None,
+                trees: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
+    """Add the partitions of some trees to the candidates, linked to every candidate that they refine or that refines them.
+
+    Existing candidates keep their indices (new ones are appended).
+    """
+    grown, added = [], []
+    for d, rows in enumerate(levels):
+        new = _canonical_rgs(np.stack([tree[d] for tree in trees])).astype(rows.dtype)
+        known = set(map(bytes, rows))
+        new, _ = _unique_rgs(new[[bytes(r) not in known for r in new]])
+        grown.append(np.concatenate([rows, new]))
+        added.append(len(new))
+    if edges is None:
+        return grown, None
+    linked = []
+    for d, (indptr, kids) in enumerate(edges):
+        old_parents, old_kids = len(levels[d]), len(levels[d + 1])
+        parent = [np.repeat(np.arange(old_parents), np.diff(indptr)), ]
+        child = [kids]
+        if added[d + 1]:  # old parents -> new kids
+            ip, kk = _refinement_edges(levels[d], grown[d + 1][old_kids:])
+            parent.append(np.repeat(np.arange(old_parents), np.diff(ip)))
+            child.append(kk + old_kids)
+        if added[d]:  # new parents -> every kid
+            ip, kk = _refinement_edges(grown[d][old_parents:], grown[d + 1])
+            parent.append(np.repeat(np.arange(old_parents, len(grown[d])), np.diff(ip)))
+            child.append(kk)
+        pairs, _ = _unique_rows(np.stack([np.concatenate(parent), np.concatenate(child)], axis=1))
+        linked.append((np.searchsorted(pairs[:, 0], np.arange(len(grown[d]) + 1)), pairs[:, 1]))
+    return grown, linked
+
+
+class ScalableSearch(SearchStrategy):
+    """Clustering candidates per branch point, made to nest, the exact DP over them, then tree polish.
+
+    Per branch point, the candidates are proposals of partitions with a low sum of group
+    diameters (:mod:`branchnas.search.proposals`): complete-linkage cuts and their polish,
+    and a beam search over merges, for that point and for every window of consecutive points
+    that contains it, at most ``cuts_per_count`` per group count. They nest by intersecting
+    every candidate of the previous point with every proposal; when a point has more than
+    ``max_candidates``, the cheapest ones of every group count are kept. The DP then finds
+    the best tree of that candidate DAG for every count vector.
+
+    With a budget, the best trees of the ``seeds`` best count vectors that fit are then
+    improved by task reinsertion (:func:`branchnas.search.polish._polish_tree`); the
+    partitions of the improved trees join the candidates, and the DP runs again (up to
+    ``rounds`` times, while it helps). The result is the best tree of the final DAG.
 
     Args:
         max_candidates: the most candidate partitions kept per branch point.
@@ -328,20 +442,48 @@ class ScalableSearch(SearchStrategy):
             cut at one common height (more candidates, slower, rarely better).
         all_edges: link every candidate to every candidate of the next point that refines
             it, not only to those it generated (more trees, slower).
+        beam_width: states kept per step of the beam over merges.
+        cuts_per_count: proposals per group count and branch point.
+        seeds: how many trees to polish per round (0: no polish).
+        rounds: the most polish rounds.
     """
 
     name = "scalable"
 
-    def __init__(self, max_candidates: int = MAX_CANDIDATES, recluster: bool = False, all_edges: bool = False):
-        if max_candidates < 1:
-            raise UserError(f"scalable search: max_candidates must be at least 1; got {max_candidates}")
+    def __init__(self, max_candidates: int = MAX_CANDIDATES, recluster: bool = False, all_edges: bool = False,
+                 beam_width: int = BEAM_WIDTH, cuts_per_count: int = CUTS_PER_COUNT, seeds: int = SEEDS,
+                 rounds: int = ROUNDS):
+        for name, value, least in [("max_candidates", max_candidates, 1), ("beam_width", beam_width, 1),
+                                   ("cuts_per_count", cuts_per_count, 1), ("seeds", seeds, 0), ("rounds", rounds, 0)]:
+            if value < least:
+                raise UserError(f"scalable search: {name} must be at least {least}; got {value}")
         self.max_candidates = max_candidates
         self.recluster = recluster
         self.all_edges = all_edges
+        self.beam_width = beam_width
+        self.cuts_per_count = cuts_per_count
+        self.seeds = seeds
+        self.rounds = rounds
 
     def build(self, dis: np.ndarray, sizes: BlockCosts, metric: str, budget: float | None) -> _Engine:
-        levels, edges = _candidates(dis, self.max_candidates, self.recluster)
-        return _CandidateEngine(dis, levels, sizes, metric, budget, None if self.all_edges else edges)
+        levels, generated = _candidates(dis, self.max_candidates, self.recluster, width=self.beam_width,
+                                        per_count=self.cuts_per_count)
+        edges = None if self.all_edges else generated
+        engine = _CandidateEngine(dis, levels, sizes, metric, budget, edges)
+        if budget is None or self.seeds == 0:
+            return engine
+        fixed, block = sizes.affine(metric)
+        for _ in range(self.rounds):
+            better = []
+            for seed in _best_trees(engine, fixed, block, budget, self.seeds):
+                tree = _polish_tree(seed, dis, fixed, block, budget)
+                if _tree_value(*_diameters(tree, dis)) < _tree_value(*_diameters(_relabel(seed), dis)):
+                    better.append(tree)
+            if not better:
+                break
+            levels, edges = _with_trees(levels, edges, better)
+            engine = _CandidateEngine(dis, levels, sizes, metric, budget, edges)
+        return engine
 
     def trees_considered(self, engine: _Engine, n: int, d: int) -> int:
         assert isinstance(engine, _CandidateEngine)
