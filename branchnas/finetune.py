@@ -126,7 +126,7 @@ def build_branched(
     for name in names:
         backbones[name], heads[name] = load_single_task(recipe, rundir, name)
     init = init or recipe.finetune.init
-    affinity = _affinity(rundir, names) if init == "central" else None
+    affinity = _affinity(rundir, names) if init in ("central", "outlier") else None
     return BranchedNet.from_single_task(tree, backbones, heads, init=init, tasks=names,
                                         affinity=affinity, seed=recipe.seed)
 

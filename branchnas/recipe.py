@@ -154,7 +154,7 @@ class FinetuneConfig(TrainConfig):
     lr: float = field(default=0.01, metadata=_spec("peak learning rate", min=0.0))
     variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused"))
     weighting: str = field(default="uniform", metadata=_choices("uniform", "uncertainty", "dwa", "rlw", "pcgrad"))
-    init: str = field(default="first", metadata=_choices("first", "central", "average", "scratch", doc="how tree nodes take single-task weights: the group's first task, its most central task by affinity, the group mean, or fresh"))
+    init: str = field(default="first", metadata=_choices("first", "central", "outlier", "average", "scratch", doc="how tree nodes take single-task weights: the group's first task, its most central task by affinity, its least central (outlier) task, the group mean, or fresh"))
     distill: float = field(default=0.0, metadata=_spec("weight of output distillation from each task's single-task model (0 = off)", min=0.0))
     distill_features: float = field(default=0.0, metadata=_spec("weight of feature distillation at the branch points (0 = off)", min=0.0))
     distill_temperature: float = field(default=2.0, metadata=_spec("softmax temperature of output distillation", min=0.01))

@@ -37,7 +37,7 @@ from branchnas.errors import UserError
 __all__ = ["BranchedNet", "INIT_RULES", "tree_chain", "node_name", "source_task"]
 
 #: How :meth:`BranchedNet.from_single_task` initialises the nodes (see there).
-INIT_RULES = ("first", "central", "average", "scratch")
+INIT_RULES = ("first", "central", "outlier", "average", "scratch")
 
 #: The feature name of the stem's output in the plan.
 STEM = "stem"
@@ -119,12 +119,17 @@ def node_name(depth: int, group: Sequence[str], tasks: Sequence[str]) -> str:
 def source_task(
     group: Sequence[str], depth: int, rule: str, affinity: Any = None, tasks: Sequence[str] | None = None
 ) -> str:
-    """The task whose single-task weights a node takes, under rule ``first`` or ``central``.
+    """The task whose single-task weights a node takes, under rule ``first``, ``central`` or ``outlier``.
 
     * ``first``: the group's first task in the task (recipe) order.
     * ``central``: the task with the highest summed affinity ``sum_u A[depth, t, u]`` to the
       other tasks of the group, i.e. the single-task model whose features at this branch
       point are most representative of the group; ties go to the earlier task.
+    * ``outlier``: the task with the *lowest* summed affinity to the rest of the group at the
+      deepest branch point (``depth`` is ignored, so a group keeps one source all the way
+      down): the task whose features the others represent worst, and which would be the
+      hardest to rebuild from another task's weights. The others adapt from its features
+      (see docs/why-a-task-collapses.md); ties go to the earlier task.
 
     Args:
         group: The node's tasks, in task order.
@@ -135,13 +140,15 @@ def source_task(
     """
     if rule == "first" or len(group) == 1:
         return group[0]
-    if rule != "central":
-        raise ValueError(f"source_task: rule must be 'first' or 'central'; got {rule!r}")
+    if rule not in ("central", "outlier"):
+        raise ValueError(f"source_task: rule must be 'first', 'central' or 'outlier'; got {rule!r}")
     if affinity is None or tasks is None:
-        raise UserError("init 'central' needs the task affinity; run the affinity stage or use init 'first'")
+        raise UserError(f"init '{rule}' needs the task affinity; run the affinity stage or use init 'first'")
     idx = [list(tasks).index(t) for t in group]
-    scores = [sum(float(affinity[depth][i][j]) for j in idx if j != i) for i in idx]
-    best = max(range(len(group)), key=lambda k: (scores[k], -k))
+    at = len(affinity) - 1 if rule == "outlier" else depth
+    scores = [sum(float(affinity[at][i][j]) for j in idx if j != i) for i in idx]
+    sign = 1.0 if rule == "central" else -1.0
+    best = max(range(len(group)), key=lambda k: (sign * scores[k], -k))
     return group[best]
 
 
@@ -308,6 +315,8 @@ class BranchedNet(nn.Module):
           first task's encoder, and the all-separate tree reproduces every single-task model);
         * ``central``: the group's most central task by affinity at block ``d`` (see
           :func:`source_task`); the stem takes the most central task over all tasks at block 0;
+        * ``outlier``: the group's least central task by affinity at the deepest block (see
+          :func:`source_task`), the stem likewise over all tasks;
         * ``average``: the element-wise mean of the group's blocks, parameters and floating
           buffers (BatchNorm running mean and variance) alike; integer buffers
           (``num_batches_tracked``) come from the group's first task. The stem is the mean
@@ -321,7 +330,7 @@ class BranchedNet(nn.Module):
             heads_by_task: ``{task: single-task head}``.
             init: One of :data:`INIT_RULES`.
             tasks: Task order (default: the tree's).
-            affinity: ``D x N x N`` affinity in task order, for ``central``.
+            affinity: ``D x N x N`` affinity in task order, for ``central`` and ``outlier``.
             seed: Seed of ``scratch``.
 
         Raises:

@@ -35,6 +35,7 @@ SEEDS = 3
 #: The most rounds of polish, each followed by the DP over the grown candidates.
 ROUNDS = 3
 RS, RP = 1.5, 0.5
+POLISH_CUTS = True
 
 
 class _CandidateEngine(_Engine):
@@ -262,7 +263,7 @@ def _point_cuts(dis: np.ndarray, width: int, per_count: int) -> list[np.ndarray]
     for d in range(num_points):
         states, _ = _linkage_cuts(dis[d])
         states = _canonical_rgs(states).astype(np.int64)
-        polished = _canonical_rgs(np.array([_improve_cut(row, dis[d]) for row in states])).astype(np.int64)
+        polished = _canonical_rgs(np.array([_improve_cut(row, dis[d]) for row in states])).astype(np.int64) if POLISH_CUTS else states[:0]
         # The linkage cut's polish right after the beams' best, the raw cut after their second best.
         rows, rank = [states, polished], [np.full(len(states), RS), np.full(len(polished), RP)]
         for (s, e), (found, score) in beams.items():
@@ -287,28 +288,126 @@ def _point_cuts(dis: np.ndarray, width: int, per_count: int) -> list[np.ndarray]
     return out
 
 
-def _nest(prev: np.ndarray, cuts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every intersection of a candidate of the previous point with a cut, without repeats.
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finaliser (MurmurHash3's): spreads the bits of a sum of task keys."""
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xFF51AFD7ED558CCD)
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))
 
-    Returns the distinct intersections and, for every (parent, intersection) pair made, the
-    parent index and the intersection index.
+
+class _GroupTables:
+    """How every cut splits every distinct group of the previous point's candidates.
+
+    An intersection ``Q & C`` has the groups ``q & c`` (``q`` in ``Q``, ``c`` in ``C``); its
+    sum of group diameters is ``sum_q (sum of the diameters of C's parts of q)``, and the
+    candidates of a point share most of their groups. So the parts of each distinct group
+    under each cut are worked out once (``O(cuts * |q|^2)`` per group), and then every
+    intersection costs ``O(groups)`` to score, instead of ``O(N^2)``; only the kept ones
+    are written out. The same goes for a
+    label-free 64-bit key of the intersection (the wrapping sum, over its groups, of a mix
+    of the sum of its tasks' random keys), which finds the pairs that make the same
+    partition without writing them all out.
+
+    Attributes:
+        slots: ``(P, K)``, the distinct-group ids of every previous candidate's groups
+            (padded to the largest count ``K`` with an empty group's id).
+        diam: ``(G + 1, C)``, sum of the diameters of the parts of each group under each cut.
+        parts: ``(G + 1, C)``, their number.
+        key: ``(G + 1, C)``, the key of the parts.
     """
+
+    def __init__(self, prev: np.ndarray, cuts: np.ndarray, dis_d: np.ndarray):
+        count, n = prev.shape
+        ncuts = len(cuts)
+        labels = prev.astype(np.int64)
+        k = labels.max(axis=1) + 1
+        owner = np.repeat(np.arange(count), k)
+        slot = np.arange(len(owner)) - np.repeat(np.cumsum(k) - k, k)
+        masks = np.packbits(labels[owner] == slot[:, None], axis=1)
+        _, first, gid = np.unique(masks, axis=0, return_index=True, return_inverse=True)
+        groups = len(first)
+        members = [np.flatnonzero(labels[owner[f]] == slot[f]) for f in first.tolist()]
+        self.slots = np.full((count, int(k.max())), groups, dtype=np.int64)
+        self.slots[owner, slot] = gid.ravel()
+        self.size = np.array([len(m) for m in members] + [0])
+        task_key = np.random.default_rng(0x5EED).integers(0, 2**63, n, dtype=np.uint64)
+        dis32 = dis_d.astype(np.float32)
+        self.diam = np.zeros((groups + 1, ncuts))
+        self.parts = np.zeros((groups + 1, ncuts), dtype=np.int64)
+        self.key = np.zeros((groups + 1, ncuts), dtype=np.uint64)
+        for s in np.unique(self.size[:-1]).tolist():
+            ids = np.flatnonzero(self.size[:-1] == s)
+            items = np.stack([members[g] for g in ids.tolist()])  # (G, s)
+            step = max(1, _CHUNK // max(1, ncuts * s * s))
+            for lo in range(0, len(ids), step):
+                gs, it = ids[lo:lo + step], items[lo:lo + step]
+                lab = np.moveaxis(cuts[:, it], 0, 1)  # (G, C, s)
+                same = lab[..., :, None] == lab[..., None, :]
+                head = same.argmax(axis=-1)  # local index of the first task of each task's part
+                flat = (np.arange(head.size).reshape(head.shape) - np.arange(s) + head).ravel()
+                sums = np.zeros(head.size, dtype=np.uint64)
+                np.add.at(sums, flat, np.broadcast_to(task_key[it][:, None, :], head.shape).ravel())
+                is_head = (head == np.arange(s)).ravel()
+                self.key[gs] = np.where(is_head, _mix(sums), np.uint64(0)).reshape(head.shape).sum(
+                    axis=-1, dtype=np.uint64)
+                self.parts[gs] = is_head.reshape(head.shape).sum(axis=-1)
+                if s > 1:
+                    # Float32 is plenty to rank candidates; the DP recomputes exact costs.
+                    sub = dis32[it[:, :, None], it[:, None, :]][:, None]  # (G, 1, s, s)
+                    reach = np.where(same, sub, np.float32(0)).max(axis=-1)  # farthest part-mate
+                    width = np.zeros(head.size, dtype=np.float32)
+                    np.maximum.at(width, flat, reach.ravel())  # part diameter, at its head
+                    self.diam[gs] = width.reshape(head.shape).sum(axis=-1, dtype=np.float64)
+
+    def scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sum of group diameters, group count and key of every intersection, ``(P, C)`` each."""
+        total = np.zeros((len(self.slots), self.diam.shape[1]))
+        parts = np.zeros(total.shape, dtype=np.int64)
+        key = np.zeros(total.shape, dtype=np.uint64)
+        for j in range(self.slots.shape[1]):
+            total += self.diam[self.slots[:, j]]
+            parts += self.parts[self.slots[:, j]]
+            key += self.key[self.slots[:, j]]
+        return total, parts, key
+
+
+def _nest(prev: np.ndarray, cuts: np.ndarray, dis_d: np.ndarray, limit: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cheapest intersections of a candidate of the previous point with a cut.
+
+    Every (candidate, cut) pair is scored (:class:`_GroupTables`); per group count, the
+    ``limit // (largest count)`` distinct cheapest intersections are kept (as
+    :func:`_prune_candidates` does), with every pair that makes one of them.
+
+    Returns the kept intersections (sorted) and, for every (parent, intersection) pair
+    made, the parent index and the intersection index.
+    """
+    tables = _GroupTables(prev, cuts, dis_d)
+    total, parts, key = tables.scores()
+    cost, parts, key = (total / parts).ravel(), parts.ravel(), key.ravel()
+    quota = max(1, limit // int(parts.max()))
+    ncuts = len(cuts)
+    chosen, members = [], []
+    for k in np.unique(parts).tolist():
+        idx = np.flatnonzero(parts == k)
+        idx = idx[np.lexsort((idx, key[idx], cost[idx]))]
+        _, first = np.unique(key[idx], return_index=True)
+        best = idx[np.sort(first)[:quota]]  # the cheapest distinct intersections
+        chosen.append(best)
+        members.append(idx[np.isin(key[idx], key[best])])  # every pair that makes one of them
+    best, pairs = np.concatenate(chosen), np.concatenate(members)
     n = prev.shape[1]
-    step = max(1, _CHUNK // max(1, len(cuts) * n))
-    found, owners = [], []
-    for lo in range(0, len(prev), step):
-        part = prev[lo:lo + step].astype(np.int64)
-        rows = (part[:, None, :] * (2 * n) + cuts[None, :, :]).reshape(-1, n)
-        rows, inverse = _unique_rgs(_canonical_rgs(rows).astype(np.int64))
-        found.append(rows)
-        owners.append((np.repeat(np.arange(lo, lo + len(part)), len(cuts)), inverse))
-    cand, inverse = _unique_rgs(np.concatenate(found))
-    parents, index, offset = [], [], 0
-    for (owner, local), rows in zip(owners, found, strict=True):
-        parents.append(owner)
-        index.append(inverse[offset + local])
-        offset += len(rows)
-    return cand, np.concatenate(parents), np.concatenate(index)
+    cand = _canonical_rgs(prev[best // ncuts].astype(np.int64) * (2 * n) + cuts[best % ncuts]).astype(np.int64)
+    order = np.argsort(key[best])
+    child = order[np.searchsorted(key[best][order], key[pairs])]
+    parent = pairs // ncuts
+    # A key collision could pair a parent with a partition that does not refine it: check.
+    head = (cand[:, :, None] == cand[:, None, :]).argmax(axis=2)[child]
+    ok = (np.take_along_axis(prev[parent], head, axis=1) == prev[parent]).all(axis=1)
+    cand, again = _unique_rgs(cand)
+    return cand, parent[ok], again[child[ok]]
 
 
 def _candidates(dis: np.ndarray, max_candidates: int, recluster: bool = False, *,
@@ -333,7 +432,7 @@ def _candidates(dis: np.ndarray, max_candidates: int, recluster: bool = False, *
             cand, _ = _unique_rgs(cuts)
         else:
             prev = levels[-1]
-            cand, parent, inverse = _nest(prev, cuts)
+            cand, parent, inverse = _nest(prev, cuts, dis[d], max_candidates)
             if recluster:
                 more, whose = _recluster_within(prev.astype(np.int64), dis[d])
                 cand, again = _unique_rgs(np.concatenate([cand, _canonical_rgs(more).astype(np.int64)]))

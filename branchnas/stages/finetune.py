@@ -36,8 +36,8 @@ class FinetuneStage(Stage):
     )
 
     def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
-        # init = "central" takes each group's weights from its most central task by affinity.
-        return (*self.requires, "affinity") if recipe.finetune.init == "central" else self.requires
+        # init = "central"/"outlier" picks each group's source task by affinity.
+        return (*self.requires, "affinity") if recipe.finetune.init in ("central", "outlier") else self.requires
 
     def keyed_on(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
         return tuple(d for d in self.dependencies(recipe, options) if d != "search")

@@ -339,3 +339,22 @@ def test_forward_features_gives_each_tasks_path_and_the_same_outputs():
             torch.testing.assert_close(value, outputs[task], rtol=0, atol=0)
     scripted = torch.jit.script(net)
     torch.testing.assert_close(scripted(x)["a"], outputs["a"], rtol=0, atol=1e-6)
+
+
+def test_outlier_init_takes_the_least_central_task_at_the_deepest_point_for_every_depth():
+    backbones, heads = single_task_models()
+    affinity = np.full((3, 3, 3), 0.5)
+    affinity[:, [0, 1, 2], [0, 1, 2]] = 1.0
+    # At the deepest point b is the outlier over all three (row sums: a 1.4, b 0.6, c 1.0),
+    # and within {a, c} both score 0.9: the earlier (a) wins. Earlier points do not count.
+    affinity[2] = [[1, 0.5, 0.9], [0.5, 1, 0.1], [0.9, 0.1, 1]]
+    affinity[0] = [[1, 0.0, 0.0], [0.0, 1, 0.9], [0.0, 0.9, 1]]  # would make a the outlier at block 0
+    net = BranchedNet.from_single_task(TREES["mixed"], backbones, heads, init="outlier",
+                                       affinity=affinity, tasks=TASKS)
+    assert torch.equal(net.stem[0].weight, backbones["b"].stem[0].weight)
+    assert torch.equal(net.nodes["b0_0_1_2"].state_dict()["0.conv1.weight"],
+                       backbones["b"].blocks[0].state_dict()["0.conv1.weight"])
+    assert torch.equal(net.nodes["b1_0_2"].state_dict()["0.conv1.weight"],
+                       backbones["a"].blocks[1].state_dict()["0.conv1.weight"])
+    with pytest.raises(UserError, match="init 'outlier' needs the task affinity"):
+        BranchedNet.from_single_task(TREES["mixed"], backbones, heads, init="outlier", tasks=TASKS)
