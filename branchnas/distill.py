@@ -114,7 +114,8 @@ class FinetuneObjective:
 
     Args:
         tasks: The network's tasks.
-        teachers: The single-task models (``None`` when no distillation is asked for).
+        teachers: The single-task models of the tasks to distil (``None`` when no distillation
+            is asked for); tasks without a teacher get no distillation term.
         outputs: λ_o, the weight of output distillation.
         features: λ_f, the weight of feature distillation.
         temperature: T for class and binary kinds.
@@ -155,6 +156,8 @@ class FinetuneObjective:
             t_out, t_feat = self.teachers(images, features=self.wants_features)
             for task in self.tasks:
                 name = task.name
+                if name not in t_out:  # no teacher: it starts from its own weights
+                    continue
                 if self.outputs:
                     out[name] = out[name] + self.outputs * output_distillation(
                         task.kind, outputs[name], t_out[name], self.temperature, targets.get(task.target))

@@ -361,12 +361,17 @@ def build_objective(recipe: Recipe, rundir: RunDir, net: BranchedNet, tasks: Seq
         return None
     teachers = None
     if cfg.distill or cfg.distill_features:
-        teachers = Teachers({n: load_single_task(recipe, rundir, n) for n in names})
+        # A task that starts from its own weights everywhere has its teacher's function already.
+        taught = net.adopted_tasks()
+        teachers = Teachers({n: load_single_task(recipe, rundir, n) for n in taught}) if taught else None
     scale = None
     if cfg.balance == "single_task":
         scale = {n: 1.0 / max(loss, 1e-8) for n, loss in single_task_losses(rundir, names).items()}
     paths = {n: net.task_path(n) for n in names}
-    return FinetuneObjective(tasks, teachers, outputs=cfg.distill, features=cfg.distill_features,
+    if teachers is None and scale is None:
+        return None
+    return FinetuneObjective(tasks, teachers, outputs=cfg.distill if teachers else 0.0,
+                             features=cfg.distill_features if teachers else 0.0,
                              temperature=cfg.distill_temperature, scale=scale, paths=paths)
 
 

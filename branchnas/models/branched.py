@@ -176,7 +176,7 @@ class BranchedNet(nn.Module):
 
     # Plain-Python descriptions that the scripted forward never reads.
     __jit_ignored_attributes__ = ["chain", "plan", "node_groups", "leaf", "stem_info", "block_info",
-                                  "backbone_name", "tree"]
+                                  "backbone_name", "tree", "sources"]
     __jit_unused_properties__ = ["num_nodes"]
 
     def __init__(
@@ -273,6 +273,17 @@ class BranchedNet(nn.Module):
         return out, features
 
     @torch.jit.unused
+    def adopted_tasks(self) -> list[str]:
+        """Tasks that do not start from their own single-task weights in every block they pass
+        through (a node built by :meth:`from_single_task` from another task, an average or
+        fresh weights); all tasks when the network was not built that way. The stem, one
+        small layer shared by every task, is not counted."""
+        sources = getattr(self, "sources", None)
+        if sources is None:
+            return list(self.task_names)
+        return [t for t in self.task_names if any(sources[n] != t for n in self.task_path(t))]
+
+    @torch.jit.unused
     def task_path(self, task: str) -> list[str]:
         """The nodes ``task`` passes through, one per block (branch point), in order."""
         return [name for name, _ in self.plan if task in self.node_groups[name]]
@@ -345,6 +356,8 @@ class BranchedNet(nn.Module):
         if missing:
             raise UserError(f"from_single_task: no single-task backbone for task(s) {', '.join(missing)}")
         net = cls(tree, backbones_by_task[names[0]], heads_by_task, tasks=names)
+        # Which task's weights each node starts from (None: an average, or fresh weights).
+        net.sources = {name: None for name, _ in net.plan}
         if init == "scratch":
             _reinitialise(net, seed)
             return net
@@ -360,7 +373,8 @@ class BranchedNet(nn.Module):
                 if init == "average":
                     state = _mean_state([backbones_by_task[t].blocks[d] for t in group])
                 else:
-                    state = backbones_by_task[source_task(group, d, init, affinity, names)].blocks[d].state_dict()
+                    net.sources[name] = source_task(group, d, init, affinity, names)
+                    state = backbones_by_task[net.sources[name]].blocks[d].state_dict()
                 net.nodes[name].load_state_dict(state)
         return net
 

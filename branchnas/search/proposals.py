@@ -94,7 +94,8 @@ def _rgs_key(labels: np.ndarray) -> bytes:
     return rank[inverse].astype(np.int16).tobytes()
 
 
-def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None,
+                 within: np.ndarray | None = None, stop: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Beam search over agglomerative merges for ``sum_g sum_w diam_w(g)`` (``stack`` is ``W x N x N``).
 
     From all singletons, every step merges two groups of every kept state; the ``width``
@@ -112,24 +113,34 @@ def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None)
         dist = stack[None].copy()
     else:
         labels = np.unique(start, return_inverse=True)[1][None, :]
-        atoms = int(labels.max()) + 1
-        member = labels[0][None, :] == np.arange(atoms)[:, None]  # (atoms, n)
-        # Largest dissimilarity between (or within) atoms: max over member pairs.
-        block = np.where(member[None, :, None, :, None] & member[None, None, :, None, :],
-                         stack[:, None, None, :, :], 0.0).max(axis=(3, 4))
+        # Largest dissimilarity between (or within) atoms: max over member pairs, columns then rows.
+        order = np.argsort(labels[0], kind="stable")
+        cuts = np.flatnonzero(np.diff(labels[0][order], prepend=-1))
+        block = np.maximum.reduceat(stack[:, :, order], cuts, axis=2)
+        block = np.maximum.reduceat(block[:, order, :], cuts, axis=1)
         diam = np.diagonal(block, axis1=1, axis2=2)[None].copy()
         dist = block[None]
     score = np.array([diam[0].sum()])
     rows, scores = [labels[0].copy()], [float(score[0])]
-    for k in range(int(labels.max()) + 1, 1, -1):
+    if within is not None:
+        # Parent group of every current group (all of its tasks share one).
+        owner = np.zeros((1, int(labels.max()) + 1), dtype=np.int64)
+        owner[0, labels[0]] = within
+    for k in range(int(labels.max()) + 1, max(1, stop), -1):
         iu, ju = np.triu_indices(k, 1)
         da, db = diam[:, :, iu], diam[:, :, ju]
         inc = (np.maximum(np.maximum(da, db), dist[:, :, iu, ju]) - da - db).sum(axis=1)
+        if within is not None:
+            inc = np.where(owner[:, iu] == owner[:, ju], inc, np.inf)
+            if not np.isfinite(inc).any():
+                break
         total = (score[:, None] + inc).ravel()
         order = np.argsort(total, kind="stable")
         picked: list[tuple[int, int, int, np.ndarray, float]] = []
         seen: set[bytes] = set()
         for idx in order.tolist():
+            if not np.isfinite(total[idx]):
+                break
             b, p = divmod(idx, len(iu))
             a, c = int(iu[p]), int(ju[p])
             merged = np.where(labels[b] == c, a, labels[b])
@@ -141,7 +152,7 @@ def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None)
             picked.append((b, a, c, merged, float(total[idx])))
             if len(picked) == width:
                 break
-        new_labels, new_diam, new_dist, new_score = [], [], [], []
+        new_labels, new_diam, new_dist, new_score, new_owner = [], [], [], [], []
         keep_all = np.arange(k)
         for b, a, c, merged, value in picked:
             keep = keep_all[keep_all != c]
@@ -154,8 +165,12 @@ def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None)
             new_diam.append(dd[:, keep])
             new_dist.append(mm[:, keep][:, :, keep])
             new_score.append(value)
+            if within is not None:
+                new_owner.append(owner[b][keep])
         labels = np.asarray(new_labels)
         diam, dist, score = np.asarray(new_diam), np.asarray(new_dist), np.asarray(new_score)
+        if within is not None:
+            owner = np.asarray(new_owner)
         rows.extend(labels)
         scores.extend(score.tolist())
     return _canonical_rgs(np.asarray(rows)).astype(np.int64), np.asarray(scores)

@@ -19,7 +19,7 @@ from branchnas.search._base import SearchStrategy, _Engine
 from branchnas.search.cost import _row_level_costs
 from branchnas.search.lattice import _CHUNK, _canonical_rgs, _unique_rows
 from branchnas.search.polish import _diameters, _polish_tree, _relabel, _tree_value
-from branchnas.search.proposals import _beam_merges, _improve_cut, _linkage_cuts
+from branchnas.search.proposals import _beam_merges, _linkage_cuts
 from branchnas.tree import Partition
 
 __all__ = ["MAX_CANDIDATES", "ScalableSearch"]
@@ -34,8 +34,11 @@ CUTS_PER_COUNT = 3
 SEEDS = 3
 #: The most rounds of polish, each followed by the DP over the grown candidates.
 ROUNDS = 3
-RS, RP = 1.5, 0.5
-POLISH_CUTS = True
+COARSEN = 1
+KEEP_WHOLE = True
+TOP_ONLY_MAX_D = 99
+KEEP_C = 1
+CW = 5
 
 
 class _CandidateEngine(_Engine):
@@ -250,42 +253,74 @@ def _windows(num_points: int) -> list[tuple[int, int]]:
             if e - s < 4 or e == num_points - 1]
 
 
-def _point_cuts(dis: np.ndarray, width: int, per_count: int) -> list[np.ndarray]:
-    """The proposals of every branch point: at most ``per_count`` partitions per group count.
+def _ranked(found: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """The rank of every row among the rows of its group count, by ``value`` (then order)."""
+    counts = found.max(axis=1)
+    order = np.lexsort((np.arange(len(found)), value, counts))
+    rank = np.empty(len(found))
+    rank[order] = np.arange(len(found)) - np.searchsorted(counts[order], counts[order])
+    return rank
 
-    Per point ``d``: the complete-linkage cuts and their polish, then the beam states of every
-    window that contains ``d``, taken in turn by their rank within the count (so every
-    window gets its best proposals in before any gets its second best).
+
+def _merge_ranked(parts: list[tuple[np.ndarray, np.ndarray]], per_count: int) -> np.ndarray:
+    """Distinct rows taken by rank (ties: in the order of ``parts``), at most ``per_count`` per group count.
+
+    Returns them in that priority order.
+    """
+    rows = np.concatenate([r for r, _ in parts])
+    rank = np.concatenate([k for _, k in parts])
+    order = np.argsort(rank, kind="stable")
+    distinct, inverse = _unique_rgs(rows[order])
+    first = np.full(len(distinct), len(order))
+    np.minimum.at(first, inverse, np.arange(len(order)))
+    distinct = distinct[np.argsort(first)]
+    counts = distinct.max(axis=1)
+    by_count = np.argsort(counts, kind="stable")
+    within = np.arange(len(distinct)) - np.searchsorted(counts[by_count], counts[by_count])
+    return distinct[np.sort(by_count[within < per_count])]
+
+
+def _point_cuts(dis: np.ndarray, width: int, per_count: int, coarsen: int = 0) -> list[np.ndarray]:
+    """The proposals of every branch point, in priority order.
+
+    Per point ``d``, at most ``per_count`` per group count: the beam states of every window
+    that contains ``d`` (:func:`_beam_merges`), taken in turn by their rank within the count
+    (so every window gets its best proposal in before any gets its second best), and the
+    complete-linkage cut of ``d``.
+
+    Then, with ``coarsen``, lookahead: the best tree often shares a group at ``d`` that is
+    no good at ``d`` alone but splits well at ``d+1``. So, from the last point up, the first
+    ``coarsen`` proposals of every count at ``d+1`` are coarsened for ``d`` (a beam over
+    merges of their groups), and the coarsenings ranked by ``C_d`` plus the ``C_{d+1}`` of
+    what they coarsen join the proposals of ``d`` (``coarsen`` more per count).
     """
     num_points, n, _ = dis.shape
     beams = {w: _beam_merges(dis[w[0]:w[1] + 1], width) for w in _windows(num_points)}
-    out = []
+    pools = []
     for d in range(num_points):
-        states, _ = _linkage_cuts(dis[d])
-        states = _canonical_rgs(states).astype(np.int64)
-        polished = _canonical_rgs(np.array([_improve_cut(row, dis[d]) for row in states])).astype(np.int64) if POLISH_CUTS else states[:0]
-        # The linkage cut's polish right after the beams' best, the raw cut after their second best.
-        rows, rank = [states, polished], [np.full(len(states), RS), np.full(len(polished), RP)]
+        cuts = _canonical_rgs(_linkage_cuts(dis[d])[0]).astype(np.int64)
+        parts = [(cuts, np.full(len(cuts), 1.5))]  # after the windows' second best
         for (s, e), (found, score) in beams.items():
             if s <= d <= e:
-                counts = found.max(axis=1)
-                order = np.lexsort((score, counts))
-                within = np.empty(len(found))
-                within[order] = np.arange(len(found)) - np.searchsorted(counts[order], counts[order])
-                rows.append(found)
-                rank.append(within)
-        rows_all, rank_all = np.concatenate(rows), np.concatenate(rank)
-        order = np.argsort(rank_all, kind="stable")  # by rank, then source order
-        cuts, inverse = _unique_rgs(rows_all[order])
-        first = np.full(len(cuts), len(order))
-        np.minimum.at(first, inverse, np.arange(len(order)))
-        cuts = cuts[np.argsort(first)]  # distinct proposals in priority order
-        counts = cuts.max(axis=1)
-        order = np.argsort(counts, kind="stable")
-        within = np.arange(len(cuts)) - np.searchsorted(counts[order], counts[order])
-        keep = np.sort(order[within < per_count])
-        out.append(cuts[keep])
-    return out
+                parts.append((found, _ranked(found, score)))
+        pools.append(_merge_ranked(parts, per_count))
+    for d in range(num_points - 2, -1, -1) if coarsen else ():
+        if d > TOP_ONLY_MAX_D:
+            continue
+        finer = pools[d + 1]
+        seeds = finer[_ranked(finer, np.zeros(len(finer))) < coarsen]  # pools are in priority order
+        below = _row_level_costs(seeds, dis[d + 1])
+        found, value = [], []
+        for seed, cost in zip(seeds, below.tolist(), strict=True):
+            rows, score = _beam_merges(dis[d:d + 1], CW, seed)
+            found.append(rows[1:])
+            value.append(score[1:] / (rows[1:].max(axis=1) + 1) + cost)
+        if found:
+            found_all = np.concatenate(found)
+            coarse = _merge_ranked([(found_all, _ranked(found_all, np.concatenate(value)))], KEEP_C)
+            pools[d] = _merge_ranked([(pools[d], np.zeros(len(pools[d]))), (coarse, np.ones(len(coarse)))],
+                                     per_count + KEEP_C)
+    return pools
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -389,12 +424,16 @@ def _nest(prev: np.ndarray, cuts: np.ndarray, dis_d: np.ndarray, limit: int
     cost, parts, key = (total / parts).ravel(), parts.ravel(), key.ravel()
     quota = max(1, limit // int(parts.max()))
     ncuts = len(cuts)
+    # A cut that refines the parent is the intersection itself; those are always kept, so
+    # that chains of proposals (a coarsening above what it coarsens) survive.
+    whole = (parts.reshape(-1, ncuts) == cuts.max(axis=1) + 1).ravel() if KEEP_WHOLE else np.zeros(len(parts), bool)
     chosen, members = [], []
     for k in np.unique(parts).tolist():
         idx = np.flatnonzero(parts == k)
         idx = idx[np.lexsort((idx, key[idx], cost[idx]))]
         _, first = np.unique(key[idx], return_index=True)
-        best = idx[np.sort(first)[:quota]]  # the cheapest distinct intersections
+        first = np.sort(first)
+        best = idx[np.union1d(first[:quota], first[whole[idx[first]]])]  # the cheapest distinct ones
         chosen.append(best)
         members.append(idx[np.isin(key[idx], key[best])])  # every pair that makes one of them
     best, pairs = np.concatenate(chosen), np.concatenate(members)
@@ -423,7 +462,7 @@ def _candidates(dis: np.ndarray, max_candidates: int, recluster: bool = False, *
     the pairs (parent, refinement) that generated them.
     """
     num_points, n, _ = dis.shape
-    point_cuts = _point_cuts(dis, width or BEAM_WIDTH, per_count or CUTS_PER_COUNT)
+    point_cuts = _point_cuts(dis, width or BEAM_WIDTH, per_count or CUTS_PER_COUNT, COARSEN)
     levels: list[np.ndarray] = []
     edges: list[tuple[np.ndarray, np.ndarray]] = []
     for d in range(num_points):
