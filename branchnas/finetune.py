@@ -324,6 +324,8 @@ def finetune_tree(
         "init": recipe.finetune.init,
         "distill": {"outputs": cfg.distill, "features": cfg.distill_features, "temperature": cfg.distill_temperature},
         "balance": cfg.balance,
+        # which task's single-task block each node started from (None: an average or fresh)
+        "init_sources": dict(getattr(net, "sources", {}) or {}),
         "select": cfg.select,
         # With finetune.patience > 0 or select = "best" the trainer restores the best epoch
         # (by val Δ_MTL against the single-task models with "best"); else the last one counts.
@@ -361,8 +363,10 @@ def build_objective(recipe: Recipe, rundir: RunDir, net: BranchedNet, tasks: Seq
         return None
     teachers = None
     if cfg.distill or cfg.distill_features:
-        # A task that starts from its own weights everywhere has its teacher's function already.
-        taught = net.adopted_tasks()
+        # A task that shares no block keeps its own network: its teacher would add nothing. Every
+        # task of a shared block needs one, the block's source task included: when the others
+        # are pulled towards their teachers, the source loses its features unless it is too.
+        taught = net.shared_tasks()
         teachers = Teachers({n: load_single_task(recipe, rundir, n) for n in taught}) if taught else None
     scale = None
     if cfg.balance == "single_task":

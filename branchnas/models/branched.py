@@ -273,15 +273,10 @@ class BranchedNet(nn.Module):
         return out, features
 
     @torch.jit.unused
-    def adopted_tasks(self) -> list[str]:
-        """Tasks that do not start from their own single-task weights in every block they pass
-        through (a node built by :meth:`from_single_task` from another task, an average or
-        fresh weights); all tasks when the network was not built that way. The stem, one
-        small layer shared by every task, is not counted."""
-        sources = getattr(self, "sources", None)
-        if sources is None:
-            return list(self.task_names)
-        return [t for t in self.task_names if any(sources[n] != t for n in self.task_path(t))]
+    def shared_tasks(self) -> list[str]:
+        """Tasks that share at least one block with another task (the stem, shared by all,
+        is not counted); the others run a network of their own."""
+        return [t for t in self.task_names if any(len(self.node_groups[n]) > 1 for n in self.task_path(t))]
 
     @torch.jit.unused
     def task_path(self, task: str) -> list[str]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from branchnas.search.proposals import _beam_merges
+
 __all__: list[str] = []
 
 # A move must lower the cost by more than this (relative) to be taken: float noise must not
@@ -48,8 +50,8 @@ def _tree_value(diam: np.ndarray, size: np.ndarray) -> float:
 
 
 def _polish_tree(labels: np.ndarray, dis: np.ndarray, fixed: float, block: np.ndarray,
-                 limit: float | None, max_sweeps: int = 50) -> np.ndarray:
-    """Improve a tree by task reinsertion until no move helps (or ``max_sweeps`` passes).
+                 limit: float | None, max_moves: int | None = None) -> np.ndarray:
+    """Improve a tree by the best task reinsertion or swap, one move at a time, until none helps.
 
     Args:
         labels: the tree, ``D x N`` group labels, each row refining the one before.
@@ -58,6 +60,7 @@ def _polish_tree(labels: np.ndarray, dis: np.ndarray, fixed: float, block: np.nd
             :meth:`branchnas.cost.BlockCosts.affine`.
         block: the size of one copy of each block (``D``).
         limit: the largest size allowed (``None``: any).
+        max_moves: stop after this many moves (default ``4 N``).
 
     Returns:
         The improved tree (labels in ``0..N-1``, not canonical), never costlier than the input,
@@ -67,62 +70,108 @@ def _polish_tree(labels: np.ndarray, dis: np.ndarray, fixed: float, block: np.nd
     tree = _relabel(labels)
     if n < 2:
         return tree
-    diam, size = _diameters(tree, dis)
     limit_ = np.inf if limit is None else float(limit)
-    tasks = np.arange(n)
-    for _ in range(max_sweeps):
-        moved = False
-        for i in range(n):
-            own = tree[:, i]
-            others = tasks[tasks != i]
-            # The tree without task i: its groups shrink, and vanish where it was alone.
-            rest_diam = diam.copy()
-            counts = (size > 0).sum(axis=1)
-            for d in range(num_points):
-                g = own[d]
-                if size[d, g] == 1:
-                    rest_diam[d, g] = 0.0
-                    counts[d] -= 1
-                else:
-                    mates = others[tree[d, others] == g]
-                    rest_diam[d, g] = dis[d][np.ix_(mates, mates)].max() if len(mates) > 1 else 0.0
-            total = rest_diam.sum(axis=1)
-            # Sharing the group of task j at point d: that group's diameter grows to reach i.
-            grown = np.empty((num_points, n - 1))
-            for d in range(num_points):
-                reach = np.zeros(n)
-                np.maximum.at(reach, tree[d, others], dis[d][i, others])
-                g = tree[d, others]
-                grown[d] = np.maximum(rest_diam[d, g], reach[g]) - rest_diam[d, g]
-            shared = (total[:, None] + grown) / np.maximum(counts, 1)[:, None]
-            alone = total / (counts + 1)
-            # Option (e, j): share with j at points < e, alone from e on.
-            value = (np.concatenate([np.zeros((1, n - 1)), np.cumsum(shared, axis=0)])
-                     + np.concatenate([np.cumsum(alone[::-1])[::-1], [0.0]])[:, None])
-            span = fixed + np.concatenate([[0.0], np.cumsum(block * counts)]) \
-                + np.concatenate([np.cumsum((block * (counts + 1))[::-1])[::-1], [0.0]])
-            value[span > limit_] = np.inf
-            current = _tree_value(diam, size)
-            e, j = np.unravel_index(int(np.argmin(value)), value.shape)
-            if not value[e, j] < current - _GAIN * max(1.0, abs(current)):
-                continue
-            mate = others[j]
-            for d in range(num_points):
-                g = own[d]
-                size[d, g] -= 1
-                diam[d, g] = rest_diam[d, g]
-                if d < e:
-                    h = tree[d, mate]
-                    mates = others[tree[d, others] == h]
-                    diam[d, h] = max(rest_diam[d, h], float(dis[d][i, mates].max()))
-                    tree[d, i] = h
-                    size[d, h] += 1
-                else:
-                    free = int(np.flatnonzero(size[d] == 0)[0])
-                    tree[d, i] = free
-                    size[d, free] = 1
-                    diam[d, free] = 0.0
-            moved = True
-        if not moved:
+    for _ in range(4 * n if max_moves is None else max_moves):
+        diam, size = _diameters(tree, dis)
+        tables = [_level_tables(tree[d], dis[d]) for d in range(num_points)]
+        if not (_reinsert(tree, dis, tables, diam, size, fixed, block, limit_) or _swap(tree, tables, diam, size)):
             break
     return tree
+
+
+def _level_tables(lab: np.ndarray, dis_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For one point: ``far[i, j]``, the farthest task from ``i`` in ``j``'s group other than
+    ``j``, and ``rest[i]``, the diameter of ``i``'s group without ``i``."""
+    n = len(lab)
+    mates = (lab[:, None] == lab[None, :]) & ~np.eye(n, dtype=bool)
+    far = np.where(mates[None, :, :], dis_d[:, None, :], 0.0).max(axis=2)
+    rest = np.where(mates, far.T, 0.0).max(axis=1)
+    return far, rest
+
+
+def _reinsert(tree: np.ndarray, dis: np.ndarray, tables: list[tuple[np.ndarray, np.ndarray]], diam: np.ndarray,
+              size: np.ndarray, fixed: float, block: np.ndarray, limit: float) -> bool:
+    """Apply the best task reinsertion that lowers the cost within the size limit; ``False`` if none does."""
+    num_points, n = tree.shape
+    counts = (size > 0).sum(axis=1)
+    total = diam.sum(axis=1)
+    shared = np.empty((num_points, n, n))  # level cost with i in j's group, i taken out first
+    alone = np.empty((num_points, n))  # level cost with i alone
+    kept = np.empty((num_points, n))  # group count without i
+    for d, (far, rest) in enumerate(tables):
+        lab = tree[d]
+        # Farthest task of j's group from i: the others of it, and j itself.
+        near = np.maximum(far, dis[d])
+        own = diam[d][lab]
+        single = size[d][lab] == 1
+        kept[d] = counts[d] - single
+        without = total[d] - own + rest  # sum of diameters without i
+        grown = np.where(lab[None, :] == lab[:, None], (own - rest)[:, None],
+                         np.maximum(own[None, :], near) - own[None, :])
+        shared[d] = (without[:, None] + grown) / np.maximum(kept[d], 1)[:, None]
+        alone[d] = without / (kept[d] + 1)
+    # Option (i, e, j): share j's groups at points < e, alone from e on.
+    value = (np.concatenate([np.zeros((1, n, n)), np.cumsum(shared, axis=0)])
+             + np.concatenate([np.cumsum(alone[::-1], axis=0)[::-1], np.zeros((1, n))])[:, :, None])
+    value[:, np.arange(n), np.arange(n)] = np.inf
+    span = fixed + np.concatenate([np.zeros((1, n)), np.cumsum(block[:, None] * kept, axis=0)]) \
+        + np.concatenate([np.cumsum((block[:, None] * (kept + 1))[::-1], axis=0)[::-1], np.zeros((1, n))])
+    value[span > limit] = np.inf
+    current = _tree_value(diam, size)
+    e, i, j = np.unravel_index(int(np.argmin(value)), value.shape)
+    if not value[e, i, j] < current - _GAIN * max(1.0, abs(current)):
+        return False
+    for d in range(num_points):
+        if d < e:
+            tree[d, i] = tree[d, j]
+        elif size[d, tree[d, i]] > 1:  # else i is alone already and keeps its label
+            tree[d, i] = np.flatnonzero(size[d] == 0)[0]
+    return True
+
+
+def _swap(tree: np.ndarray, tables: list[tuple[np.ndarray, np.ndarray]], diam: np.ndarray,
+          size: np.ndarray) -> bool:
+    """Exchange the places of the two tasks that lowers the cost most; ``False`` if none does.
+
+    The tree's shape, so its group counts and size, stay the same.
+    """
+    num_points, n = tree.shape
+    delta = np.zeros((n, n))
+    for d, (far, rest) in enumerate(tables):
+        lab = tree[d]
+        grown = np.maximum(rest[:, None], far.T)  # i's group with j in place of i
+        own = diam[d][lab]
+        change = grown + grown.T - own[:, None] - own[None, :]
+        delta += np.where(lab[:, None] == lab[None, :], 0.0, change) / (size[d] > 0).sum()
+    i, j = np.unravel_index(int(np.argmin(delta)), delta.shape)
+    current = _tree_value(diam, size)
+    if not delta[i, j] < -_GAIN * max(1.0, abs(current)):
+        return False
+    tree[:, [i, j]] = tree[:, [j, i]]
+    return True
+
+def _refit_levels(tree: np.ndarray, dis: np.ndarray, width: int) -> list[np.ndarray]:
+    """Variants of a tree with the same group counts, each partition re-fitted to its neighbour.
+
+    For every point ``a``, ``P_a`` is kept; above it, each ``P_d`` becomes the best coarsening
+    of the new ``P_{d+1}`` with ``|P_d|`` groups, and below it the best refinement of the new
+    ``P_{d-1}`` (both by a beam over merges for ``C_d``, :func:`branchnas.search.proposals._beam_merges`).
+    This is the lookahead that per-point proposals lack: a group that is poor at ``d`` alone
+    but splits well at ``d+1`` is found from ``d+1``.
+    """
+    num_points, _ = tree.shape
+    counts = [len(np.unique(row)) for row in tree]
+    variants = []
+    for anchor in range(num_points):
+        chain = tree.copy()
+        steps = [(d, "up") for d in range(anchor - 1, -1, -1)] + [(d, "down") for d in range(anchor + 1, num_points)]
+        for d, way in steps:
+            if way == "up":
+                rows, score = _beam_merges(dis[d:d + 1], width, start=chain[d + 1], stop=counts[d])
+            else:
+                rows, score = _beam_merges(dis[d:d + 1], width, within=chain[d - 1], stop=counts[d])
+            fit = np.flatnonzero(rows.max(axis=1) + 1 == counts[d])
+            chain[d] = rows[fit[np.argmin(score[fit])]]
+        if steps:
+            variants.append(chain)
+    return variants

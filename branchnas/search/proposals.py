@@ -86,14 +86,6 @@ def _improve_cut(labels: np.ndarray, dis_d: np.ndarray, max_sweeps: int = 20) ->
     return x
 
 
-def _rgs_key(labels: np.ndarray) -> bytes:
-    """A hashable canonical form of one partition (its restricted growth string)."""
-    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inverse].astype(np.int16).tobytes()
-
-
 def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None,
                  within: np.ndarray | None = None, stop: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Beam search over agglomerative merges for ``sum_g sum_w diam_w(g)`` (``stack`` is ``W x N x N``).
@@ -112,7 +104,7 @@ def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None,
         diam = np.zeros((1, num, n))
         dist = stack[None].copy()
     else:
-        labels = np.unique(start, return_inverse=True)[1][None, :]
+        labels = _canonical_rgs(np.asarray(start)[None, :]).astype(np.int64)
         # Largest dissimilarity between (or within) atoms: max over member pairs, columns then rows.
         order = np.argsort(labels[0], kind="stable")
         cuts = np.flatnonzero(np.diff(labels[0][order], prepend=-1))
@@ -145,7 +137,8 @@ def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None,
             a, c = int(iu[p]), int(ju[p])
             merged = np.where(labels[b] == c, a, labels[b])
             merged = np.where(merged > c, merged - 1, merged)
-            key = _rgs_key(merged)
+            # Group ids stay in the order of their first task, so the labels are canonical.
+            key = merged.astype(np.int16).tobytes()
             if key in seen:
                 continue
             seen.add(key)
@@ -173,5 +166,5 @@ def _beam_merges(stack: np.ndarray, width: int, start: np.ndarray | None = None,
             owner = np.asarray(new_owner)
         rows.extend(labels)
         scores.extend(score.tolist())
-    return _canonical_rgs(np.asarray(rows)).astype(np.int64), np.asarray(scores)
+    return np.asarray(rows, dtype=np.int64), np.asarray(scores)
 

@@ -18,7 +18,7 @@ from branchnas.errors import UserError
 from branchnas.search._base import SearchStrategy, _Engine
 from branchnas.search.cost import _row_level_costs
 from branchnas.search.lattice import _CHUNK, _canonical_rgs, _unique_rows
-from branchnas.search.polish import _diameters, _polish_tree, _relabel, _tree_value
+from branchnas.search.polish import _polish_tree, _refit_levels
 from branchnas.search.proposals import _beam_merges, _linkage_cuts
 from branchnas.tree import Partition
 
@@ -30,11 +30,12 @@ MAX_CANDIDATES = 5_000
 BEAM_WIDTH = 5
 #: Proposals per group count and branch point that are made to nest.
 CUTS_PER_COUNT = 3
-#: Trees polished per round (the best of that many count vectors within the budget).
-SEEDS = 3
+#: Trees improved per round (the best of that many count vectors within the budget).
+SEEDS = 5
 #: The most rounds of polish, each followed by the DP over the grown candidates.
 ROUNDS = 3
-COARSEN = 1
+COARSEN = 0
+TOP_FACTOR = 1
 KEEP_WHOLE = True
 TOP_ONLY_MAX_D = 99
 KEEP_C = 1
@@ -50,7 +51,8 @@ class _CandidateEngine(_Engine):
 
     def __init__(self, dis: np.ndarray, levels: list[np.ndarray], sizes: BlockCosts,
                  metric: str, budget: float | None,
-                 kids: list[tuple[np.ndarray, np.ndarray]] | None = None):
+                 kids: list[tuple[np.ndarray, np.ndarray]] | None = None,
+                 cost: list[np.ndarray] | None = None):
         num_points, n, _ = dis.shape
         self.num_points, self.n = num_points, n
         self.radix = n + 1
@@ -58,7 +60,7 @@ class _CandidateEngine(_Engine):
             raise UserError(f"scalable search supports up to {int(62 / math.log2(n + 1))} branch points for {n} tasks")
         self.levels = levels
         self.counts = [rows.max(axis=1).astype(np.int64) + 1 for rows in levels]
-        self.cost = [_row_level_costs(rows, dis[d]) for d, rows in enumerate(levels)]
+        self.cost = cost if cost is not None else [_row_level_costs(rows, dis[d]) for d, rows in enumerate(levels)]
         self.kids = kids if kids is not None else [
             _refinement_edges(levels[d], levels[d + 1]) for d in range(num_points - 1)]
         fixed, block = sizes.affine(metric)
@@ -303,7 +305,7 @@ def _point_cuts(dis: np.ndarray, width: int, per_count: int, coarsen: int = 0) -
         for (s, e), (found, score) in beams.items():
             if s <= d <= e:
                 parts.append((found, _ranked(found, score)))
-        pools.append(_merge_ranked(parts, per_count))
+        pools.append(_merge_ranked(parts, per_count * (TOP_FACTOR if d == 0 else 1)))
     for d in range(num_points - 2, -1, -1) if coarsen else ():
         if d > TOP_ONLY_MAX_D:
             continue
@@ -427,20 +429,25 @@ def _nest(prev: np.ndarray, cuts: np.ndarray, dis_d: np.ndarray, limit: int
     # A cut that refines the parent is the intersection itself; those are always kept, so
     # that chains of proposals (a coarsening above what it coarsens) survive.
     whole = (parts.reshape(-1, ncuts) == cuts.max(axis=1) + 1).ravel() if KEEP_WHOLE else np.zeros(len(parts), bool)
-    chosen, members = [], []
-    for k in np.unique(parts).tolist():
-        idx = np.flatnonzero(parts == k)
-        idx = idx[np.lexsort((idx, key[idx], cost[idx]))]
-        _, first = np.unique(key[idx], return_index=True)
-        first = np.sort(first)
-        best = idx[np.union1d(first[:quota], first[whole[idx[first]]])]  # the cheapest distinct ones
-        chosen.append(best)
-        members.append(idx[np.isin(key[idx], key[best])])  # every pair that makes one of them
-    best, pairs = np.concatenate(chosen), np.concatenate(members)
+    # Rows grouped by intersection (count, key), cheapest first within each group.
+    order = np.lexsort((np.arange(len(cost)), cost, key, parts))
+    start = np.ones(len(order), dtype=bool)
+    start[1:] = (parts[order][1:] != parts[order][:-1]) | (key[order][1:] != key[order][:-1])
+    group = np.empty(len(order), dtype=np.int64)
+    group[order] = np.cumsum(start) - 1
+    head = order[start]  # the cheapest row of every distinct intersection
+    # Distinct intersections by (count, cost); keep the first ``quota`` of every count.
+    ranked = np.lexsort((key[head], cost[head], parts[head]))
+    counts = parts[head][ranked]
+    rank = np.empty(len(head), dtype=np.int64)
+    rank[ranked] = np.arange(len(head)) - np.searchsorted(counts, counts)
+    keep = (rank < quota) | (np.bincount(group, weights=whole, minlength=len(head)) > 0)
+    index = np.cumsum(keep) - 1
+    best = head[keep]
+    pairs = np.flatnonzero(keep[group])  # every pair that makes a kept intersection
     n = prev.shape[1]
     cand = _canonical_rgs(prev[best // ncuts].astype(np.int64) * (2 * n) + cuts[best % ncuts]).astype(np.int64)
-    order = np.argsort(key[best])
-    child = order[np.searchsorted(key[best][order], key[pairs])]
+    child = index[group[pairs]]
     parent = pairs // ncuts
     # A key collision could pair a parent with a partition that does not refine it: check.
     head = (cand[:, :, None] == cand[:, None, :]).argmax(axis=2)[child]
@@ -525,11 +532,19 @@ def _best_trees(engine: _CandidateEngine, fixed: float, block: np.ndarray, budge
     return trees
 
 
-def _with_trees(levels: list[np.ndarray], edges: list[tuple[np.ndarray, np.ndarray]] | None,
-                trees: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
+def _best_value(engine: _CandidateEngine, fixed: float, block: np.ndarray, budget: float) -> float:
+    """The cost of the best tree of the DAG that fits the budget (inf if none)."""
+    node, _, value = engine.labels[0]
+    fits = fixed + engine.class_counts[engine.root_class].astype(np.float64) @ block <= budget
+    return float(value[fits].min()) if fits.any() else np.inf
+
+
+def _with_trees(levels: list[np.ndarray], edges: list[tuple[np.ndarray, np.ndarray]],
+                trees: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
     """Add the partitions of some trees to the candidates, linked to every candidate that they refine or that refines them.
 
-    Existing candidates keep their indices (new ones are appended).
+    Existing candidates keep their indices (new ones are appended), so every tree of the
+    old DAG is still one of the new DAG.
     """
     grown, added = [], []
     for d, rows in enumerate(levels):
@@ -538,12 +553,10 @@ def _with_trees(levels: list[np.ndarray], edges: list[tuple[np.ndarray, np.ndarr
         new, _ = _unique_rgs(new[[bytes(r) not in known for r in new]])
         grown.append(np.concatenate([rows, new]))
         added.append(len(new))
-    if edges is None:
-        return grown, None
     linked = []
     for d, (indptr, kids) in enumerate(edges):
         old_parents, old_kids = len(levels[d]), len(levels[d + 1])
-        parent = [np.repeat(np.arange(old_parents), np.diff(indptr)), ]
+        parent = [np.repeat(np.arange(old_parents), np.diff(indptr))]
         child = [kids]
         if added[d + 1]:  # old parents -> new kids
             ip, kk = _refinement_edges(levels[d], grown[d + 1][old_kids:])
@@ -562,17 +575,21 @@ class ScalableSearch(SearchStrategy):
     """Clustering candidates per branch point, made to nest, the exact DP over them, then tree polish.
 
     Per branch point, the candidates are proposals of partitions with a low sum of group
-    diameters (:mod:`branchnas.search.proposals`): complete-linkage cuts and their polish,
-    and a beam search over merges, for that point and for every window of consecutive points
-    that contains it, at most ``cuts_per_count`` per group count. They nest by intersecting
-    every candidate of the previous point with every proposal; when a point has more than
-    ``max_candidates``, the cheapest ones of every group count are kept. The DP then finds
-    the best tree of that candidate DAG for every count vector.
+    diameters (:func:`_point_cuts`): a beam search over merges, for that point and for every
+    window of consecutive points that contains it, and complete-linkage cuts, at most
+    ``cuts_per_count`` per group count. They nest by intersecting every candidate of the
+    previous point with every proposal; when a point would have more than ``max_candidates``,
+    the cheapest ones of every group count are kept (:func:`_nest`). The DP then finds the
+    best tree of that candidate DAG for every count vector.
 
-    With a budget, the best trees of the ``seeds`` best count vectors that fit are then
-    improved by task reinsertion (:func:`branchnas.search.polish._polish_tree`); the
-    partitions of the improved trees join the candidates, and the DP runs again (up to
-    ``rounds`` times, while it helps). The result is the best tree of the final DAG.
+    With a budget, the trees are then improved where the DAG is weakest, across branch
+    points: the best tree of each of the ``seeds`` best count vectors that fit is re-fitted
+    level by level (:func:`branchnas.search.polish._refit_levels`) and every variant is
+    polished by task reinsertion and swaps (:func:`branchnas.search.polish._polish_tree`).
+    Their partitions join the candidates (linked to every candidate they refine or that
+    refines them) and the DP runs again, up to ``rounds`` times, while the best tree within
+    the budget gets cheaper. The result is the best tree of the final DAG. Without a budget
+    (the Pareto front) the first DAG is used as it is.
 
     Args:
         max_candidates: the most candidate partitions kept per branch point.
@@ -580,10 +597,10 @@ class ScalableSearch(SearchStrategy):
             cut at one common height (more candidates, slower, rarely better).
         all_edges: link every candidate to every candidate of the next point that refines
             it, not only to those it generated (more trees, slower).
-        beam_width: states kept per step of the beam over merges.
+        beam_width: states kept per step of the beams over merges.
         cuts_per_count: proposals per group count and branch point.
-        seeds: how many trees to polish per round (0: no polish).
-        rounds: the most polish rounds.
+        seeds: trees improved per round (0: none).
+        rounds: the most rounds of improvement.
     """
 
     name = "scalable"
@@ -604,23 +621,34 @@ class ScalableSearch(SearchStrategy):
         self.rounds = rounds
 
     def build(self, dis: np.ndarray, sizes: BlockCosts, metric: str, budget: float | None) -> _Engine:
-        levels, generated = _candidates(dis, self.max_candidates, self.recluster, width=self.beam_width,
-                                        per_count=self.cuts_per_count)
-        edges = None if self.all_edges else generated
+        levels, edges = _candidates(dis, self.max_candidates, self.recluster, width=self.beam_width,
+                                    per_count=self.cuts_per_count)
+        if self.all_edges:
+            edges = [_refinement_edges(levels[d], levels[d + 1]) for d in range(len(levels) - 1)]
         engine = _CandidateEngine(dis, levels, sizes, metric, budget, edges)
         if budget is None or self.seeds == 0:
             return engine
         fixed, block = sizes.affine(metric)
+        tried: set[bytes] = set()
         for _ in range(self.rounds):
-            better = []
+            found = []
             for seed in _best_trees(engine, fixed, block, budget, self.seeds):
-                tree = _polish_tree(seed, dis, fixed, block, budget)
-                if _tree_value(*_diameters(tree, dis)) < _tree_value(*_diameters(_relabel(seed), dis)):
-                    better.append(tree)
-            if not better:
+                key = _canonical_rgs(seed).tobytes()
+                if key in tried:
+                    continue
+                tried.add(key)
+                for tree in [seed, *_refit_levels(seed, dis, self.beam_width)]:
+                    found.append(_polish_tree(tree, dis, fixed, block, budget))
+            if not found:
                 break
-            levels, edges = _with_trees(levels, edges, better)
-            engine = _CandidateEngine(dis, levels, sizes, metric, budget, edges)
+            grown, linked = _with_trees(levels, edges, found)
+            cost = [np.concatenate([c, _row_level_costs(rows[len(c):], dis[d])])
+                    for d, (c, rows) in enumerate(zip(engine.cost, grown, strict=True))]
+            better = _CandidateEngine(dis, grown, sizes, metric, budget, linked, cost)
+            # Keep the grown DAG only if it holds a cheaper tree within the budget.
+            if _best_value(better, fixed, block, budget) >= _best_value(engine, fixed, block, budget):
+                break
+            engine, levels, edges = better, grown, linked
         return engine
 
     def trees_considered(self, engine: _Engine, n: int, d: int) -> int:

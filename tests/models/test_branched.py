@@ -360,13 +360,14 @@ def test_outlier_init_takes_the_least_central_task_at_the_deepest_point_for_ever
         BranchedNet.from_single_task(TREES["mixed"], backbones, heads, init="outlier", tasks=TASKS)
 
 
-def test_adopted_tasks_are_those_starting_from_other_weights_somewhere_on_their_path():
+def test_sources_and_shared_tasks():
     backbones, heads = single_task_models()
     net = BranchedNet.from_single_task(TREES["mixed"], backbones, heads, init="first", tasks=TASKS)
     # mixed: {a,b,c} | {a,c} {b} | {a} {b} {c}; first takes a, then a, b; c's last node is its own
     assert net.sources == {"b0_0_1_2": "a", "b1_0_2": "a", "b1_1": "b", "b2_0": "a", "b2_1": "b", "b2_2": "c"}
-    assert net.adopted_tasks() == ["b", "c"]
+    assert net.shared_tasks() == TASKS
     separate = BranchedNet.from_single_task(TREES["separate"], backbones, heads, init="first", tasks=TASKS)
-    assert separate.adopted_tasks() == []
-    averaged = BranchedNet.from_single_task(TREES["separate"], backbones, heads, init="average", tasks=TASKS)
-    assert averaged.adopted_tasks() == TASKS  # an average is nobody's own weights
+    assert separate.shared_tasks() == []
+    bb = make_backbone()
+    alone_c = BranchedNet(fit_tree([[("a", "b"), ("c",)]] * 3, bb.num_blocks), bb, make_heads(bb.out_channels), tasks=TASKS)
+    assert alone_c.shared_tasks() == ["a", "b"]
