@@ -183,6 +183,7 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from branchnas.tree import Tree
 
     base, seed = name.split("@") if "@" in name else (name, "0")
+    dataset = base
     sets = recipe_overrides(args, base) + [f"seed={seed}", f'name="{base}-seed{seed}"']
     if base == "planted":  # generated here: the structure is known (bench/planted.py)
         sys.path.insert(0, str(ROOT / "bench"))
@@ -233,7 +234,7 @@ def bench_recipe(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = []
     with rundir.locked():
-        for index, (budget, label) in enumerate(budget_values(args.budgets, name, smallest, largest)):
+        for index, (budget, label) in enumerate(budget_values(args.budgets, dataset, smallest, largest)):
             result = search(matrix, costs, budget, metric="params", mode=recipe.search.mode, tasks=names,
                             points=points, exact_limit=recipe.search.exact_limit)
             picked = result.tree

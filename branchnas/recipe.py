@@ -151,15 +151,15 @@ class FinetuneConfig(TrainConfig):
     """The ``[finetune]`` section: the branched network's multi-task fine-tuning (stage 4)."""
 
     epochs: int = field(default=4, metadata=_spec("training epochs", min=1))
-    lr: float = field(default=0.01, metadata=_spec("peak learning rate", min=0.0))
+    lr: float = field(default=0.02, metadata=_spec("peak learning rate", min=0.0))
     variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused"))
     weighting: str = field(default="uniform", metadata=_choices("uniform", "uncertainty", "dwa", "rlw", "pcgrad"))
-    init: str = field(default="first", metadata=_choices("first", "central", "outlier", "average", "scratch", doc="how tree nodes take single-task weights: the group's first task, its most central task by affinity, its least central (outlier) task, the group mean, or fresh"))
-    distill: float = field(default=0.0, metadata=_spec("weight of output distillation from each task's single-task model (0 = off)", min=0.0))
+    init: str = field(default="outlier", metadata=_choices("first", "central", "outlier", "average", "scratch", doc="how tree nodes take single-task weights: the group's first task, its most central task by affinity, its least central (outlier) task, the group mean, or fresh"))
+    distill: float = field(default=0.3, metadata=_spec("weight of output distillation from each task's single-task model (0 = off)", min=0.0))
     distill_features: float = field(default=0.0, metadata=_spec("weight of feature distillation at the branch points (0 = off)", min=0.0))
     distill_temperature: float = field(default=2.0, metadata=_spec("softmax temperature of output distillation", min=0.01))
     balance: str = field(default="none", metadata=_choices("none", "single_task", doc="scale each task's loss by 1 / its single-task model's final training loss"))
-    select: str = field(default="last", metadata=_choices("last", "best", doc="keep the last epoch, or the one with the best validation Δ_MTL"))
+    select: str = field(default="best", metadata=_choices("last", "best", doc="keep the last epoch, or the one with the best validation Δ_MTL"))
     compare_random: int = field(default=0, metadata=_spec("random trees of similar size in `branchnas compare`", min=0))
 
 

@@ -150,7 +150,7 @@ def _swap(tree: np.ndarray, tables: list[tuple[np.ndarray, np.ndarray]], diam: n
     tree[:, [i, j]] = tree[:, [j, i]]
     return True
 
-def _refit_levels(tree: np.ndarray, dis: np.ndarray, width: int) -> list[np.ndarray]:
+def _refit_levels(tree: np.ndarray, dis: np.ndarray, width: int, anchors: list[int] | None = None) -> list[np.ndarray]:
     """Variants of a tree with the same group counts, each partition re-fitted to its neighbour.
 
     For every point ``a``, ``P_a`` is kept; above it, each ``P_d`` becomes the best coarsening
@@ -162,7 +162,7 @@ def _refit_levels(tree: np.ndarray, dis: np.ndarray, width: int) -> list[np.ndar
     num_points, _ = tree.shape
     counts = [len(np.unique(row)) for row in tree]
     variants = []
-    for anchor in range(num_points):
+    for anchor in range(num_points) if anchors is None else anchors:
         chain = tree.copy()
         steps = [(d, "up") for d in range(anchor - 1, -1, -1)] + [(d, "down") for d in range(anchor + 1, num_points)]
         for d, way in steps:
@@ -172,6 +172,6 @@ def _refit_levels(tree: np.ndarray, dis: np.ndarray, width: int) -> list[np.ndar
                 rows, score = _beam_merges(dis[d:d + 1], width, within=chain[d - 1], stop=counts[d])
             fit = np.flatnonzero(rows.max(axis=1) + 1 == counts[d])
             chain[d] = rows[fit[np.argmin(score[fit])]]
-        if steps:
+        if steps or anchors is not None:
             variants.append(chain)
     return variants

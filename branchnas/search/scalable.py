@@ -18,7 +18,7 @@ from branchnas.errors import UserError
 from branchnas.search._base import SearchStrategy, _Engine
 from branchnas.search.cost import _row_level_costs
 from branchnas.search.lattice import _CHUNK, _canonical_rgs, _unique_rows
-from branchnas.search.polish import _polish_tree, _refit_levels
+from branchnas.search.polish import _diameters, _polish_tree, _refit_levels, _tree_value
 from branchnas.search.proposals import _beam_merges, _linkage_cuts
 from branchnas.tree import Partition
 
@@ -36,6 +36,9 @@ SEEDS = 5
 ROUNDS = 3
 COARSEN = 0
 TOP_FACTOR = 1
+ANCHORS = 0
+REFIT_WIDTH = 5
+POLISH_TOP = 1000
 KEEP_WHOLE = True
 TOP_ONLY_MAX_D = 99
 KEEP_C = 1
@@ -532,6 +535,11 @@ def _best_trees(engine: _CandidateEngine, fixed: float, block: np.ndarray, budge
     return trees
 
 
+def _fits(tree: np.ndarray, fixed: float, block: np.ndarray, budget: float) -> bool:
+    counts = np.array([len(np.unique(row)) for row in tree], dtype=np.float64)
+    return bool(fixed + counts @ block <= budget)
+
+
 def _best_value(engine: _CandidateEngine, fixed: float, block: np.ndarray, budget: float) -> float:
     """The cost of the best tree of the DAG that fits the budget (inf if none)."""
     node, _, value = engine.labels[0]
@@ -540,32 +548,46 @@ def _best_value(engine: _CandidateEngine, fixed: float, block: np.ndarray, budge
 
 
 def _with_trees(levels: list[np.ndarray], edges: list[tuple[np.ndarray, np.ndarray]],
-                trees: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
-    """Add the partitions of some trees to the candidates, linked to every candidate that they refine or that refines them.
+                trees: list[np.ndarray], loose: list[np.ndarray] = ()
+                ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
+    """Add the partitions of some trees to the candidates.
 
-    Existing candidates keep their indices (new ones are appended), so every tree of the
-    old DAG is still one of the new DAG.
+    The partitions of ``trees`` are linked to every candidate that they refine or that
+    refines them; those of ``loose`` (many more, so cheaper to link) only to the other new
+    partitions. Existing candidates keep their indices (new ones are appended), so every
+    tree of the old DAG is still one of the new DAG.
     """
-    grown, added = [], []
+    grown, start, rich = [], [], []
     for d, rows in enumerate(levels):
-        new = _canonical_rgs(np.stack([tree[d] for tree in trees])).astype(rows.dtype)
+        new = np.concatenate([_canonical_rgs(np.stack([t[d] for t in group])).astype(rows.dtype)
+                              for group in (trees, loose) if len(group)])
         known = set(map(bytes, rows))
-        new, _ = _unique_rgs(new[[bytes(r) not in known for r in new]])
-        grown.append(np.concatenate([rows, new]))
-        added.append(len(new))
+        fresh = np.array([bytes(r) not in known for r in new], dtype=bool)
+        first = np.concatenate([np.ones(len(trees), dtype=bool), np.zeros(len(loose), dtype=bool)])
+        new, inverse = _unique_rgs(new[fresh])
+        linked_all = np.zeros(len(new), dtype=bool)
+        np.logical_or.at(linked_all, inverse, first[fresh])
+        order = np.argsort(~linked_all, kind="stable")  # fully linked ones first
+        grown.append(np.concatenate([rows, new[order]]))
+        start.append(len(rows))
+        rich.append(int(linked_all.sum()))
     linked = []
     for d, (indptr, kids) in enumerate(edges):
-        old_parents, old_kids = len(levels[d]), len(levels[d + 1])
-        parent = [np.repeat(np.arange(old_parents), np.diff(indptr))]
+        old_p, old_k = start[d], start[d + 1]
+        parent = [np.repeat(np.arange(old_p), np.diff(indptr))]
         child = [kids]
-        if added[d + 1]:  # old parents -> new kids
-            ip, kk = _refinement_edges(levels[d], grown[d + 1][old_kids:])
-            parent.append(np.repeat(np.arange(old_parents), np.diff(ip)))
-            child.append(kk + old_kids)
-        if added[d]:  # new parents -> every kid
-            ip, kk = _refinement_edges(grown[d][old_parents:], grown[d + 1])
-            parent.append(np.repeat(np.arange(old_parents, len(grown[d])), np.diff(ip)))
+        if rich[d + 1]:  # old parents -> fully linked new kids
+            ip, kk = _refinement_edges(levels[d], grown[d + 1][old_k:old_k + rich[d + 1]])
+            parent.append(np.repeat(np.arange(old_p), np.diff(ip)))
+            child.append(kk + old_k)
+        if rich[d]:  # fully linked new parents -> every kid
+            ip, kk = _refinement_edges(grown[d][old_p:old_p + rich[d]], grown[d + 1])
+            parent.append(np.repeat(np.arange(old_p, old_p + rich[d]), np.diff(ip)))
             child.append(kk)
+        if len(grown[d]) > old_p + rich[d] and len(grown[d + 1]) > old_k:  # other new parents -> new kids
+            ip, kk = _refinement_edges(grown[d][old_p + rich[d]:], grown[d + 1][old_k:])
+            parent.append(np.repeat(np.arange(old_p + rich[d], len(grown[d])), np.diff(ip)))
+            child.append(kk + old_k)
         pairs, _ = _unique_rows(np.stack([np.concatenate(parent), np.concatenate(child)], axis=1))
         linked.append((np.searchsorted(pairs[:, 0], np.arange(len(grown[d]) + 1)), pairs[:, 1]))
     return grown, linked
@@ -629,27 +651,37 @@ class ScalableSearch(SearchStrategy):
         if budget is None or self.seeds == 0:
             return engine
         fixed, block = sizes.affine(metric)
+        first = engine
         tried: set[bytes] = set()
         for _ in range(self.rounds):
-            found = []
+            found, loose = [], []
             for seed in _best_trees(engine, fixed, block, budget, self.seeds):
                 key = _canonical_rgs(seed).tobytes()
                 if key in tried:
                     continue
                 tried.add(key)
-                for tree in [seed, *_refit_levels(seed, dis, self.beam_width)]:
-                    found.append(_polish_tree(tree, dis, fixed, block, budget))
+                variants = [seed, *_refit_levels(seed, dis, REFIT_WIDTH)]
+                for a in range(len(levels)) if ANCHORS else ():
+                    k = int(seed[a].max()) + 1
+                    rows = levels[a][engine.counts[a] == k]
+                    cheap = rows[np.argsort(engine.cost[a][engine.counts[a] == k], kind="stable")[:ANCHORS]]
+                    for row in cheap:
+                        other = seed.copy()
+                        other[a] = row
+                        variants.extend(_refit_levels(other, dis, REFIT_WIDTH, anchors=[a]))
+                variants = list({_canonical_rgs(t).tobytes(): t for t in variants}.values())
+                value = [_tree_value(*_diameters(t, dis)) if _fits(t, fixed, block, budget) else np.inf for t in variants]
+                order = np.argsort(value, kind="stable")
+                found.extend(_polish_tree(variants[i], dis, fixed, block, budget) for i in order[:POLISH_TOP])
+                loose.extend(variants[i] for i in order[POLISH_TOP:])
             if not found:
                 break
-            grown, linked = _with_trees(levels, edges, found)
+            levels, edges = _with_trees(levels, edges, found, loose)
             cost = [np.concatenate([c, _row_level_costs(rows[len(c):], dis[d])])
-                    for d, (c, rows) in enumerate(zip(engine.cost, grown, strict=True))]
-            better = _CandidateEngine(dis, grown, sizes, metric, budget, linked, cost)
-            # Keep the grown DAG only if it holds a cheaper tree within the budget.
-            if _best_value(better, fixed, block, budget) >= _best_value(engine, fixed, block, budget):
-                break
-            engine, levels, edges = better, grown, linked
-        return engine
+                    for d, (c, rows) in enumerate(zip(engine.cost, levels, strict=True))]
+            engine = _CandidateEngine(dis, levels, sizes, metric, budget, edges, cost)
+        # The grown DAG only if it holds a cheaper tree within the budget.
+        return engine if _best_value(engine, fixed, block, budget) < _best_value(first, fixed, block, budget) else first
 
     def trees_considered(self, engine: _Engine, n: int, d: int) -> int:
         assert isinstance(engine, _CandidateEngine)

@@ -28,6 +28,11 @@ class CompareStage(Stage):
         Artifact("compare.md", "the comparison as a Markdown table"),
     )
 
+    def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
+        # It fine-tunes trees as stage 4 does, so it reads what stage 4 reads.
+        extra = tuple(d for d in get_stage("finetune").dependencies(recipe, options) if d not in self.requires)
+        return (*self.requires, *extra)
+
     def keyed_on(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
         return ("pretrain", "finetune")
 

@@ -296,7 +296,7 @@ def test_scratch_init_is_fresh_and_seeded():
 
 def test_unknown_init_rule_lists_the_choices():
     backbones, heads = single_task_models()
-    with pytest.raises(UserError, match="choose one of: average, central, first, scratch"):
+    with pytest.raises(UserError, match="choose one of: average, central, first, outlier, scratch"):
         BranchedNet.from_single_task(TREES["mixed"], backbones, heads, init="frist", tasks=TASKS)
 
 
