@@ -27,11 +27,13 @@ Ties. Trees are ranked by (cost, params, flops, canonical tree key). Costs are c
 floats, and every code path computes a tree's cost with the same operations in the same order
 (:func:`clustering_cost`), so equal trees tie exactly and the ranking is stable.
 
-Scalable mode (many tasks): candidate partitions per branch point come from complete-linkage
-clustering of that point's dissimilarity (complete linkage minimises the within-group maximum
-that the cost uses) at every cut, each also polished by single-task moves, made to nest by
-intersecting with every candidate of the branch point before; the same DP then runs exactly
-over that candidate DAG (see :class:`ScalableSearch`).
+Scalable mode (many tasks): candidate partitions per branch point are proposals with a low
+sum of group diameters (a beam search over merges, for the point and for every window of
+consecutive points, and complete-linkage cuts), made to nest by intersecting with the
+candidates of the branch point before; the same DP then runs exactly over that candidate DAG.
+With a budget, the best trees are then improved across branch points (re-fitting each
+partition to its neighbours, trying other candidates in place of one, moving and swapping
+single tasks), their partitions join the DAG and the DP runs again (see :class:`ScalableSearch`).
 
 Example:
     >>> import numpy as np
@@ -43,7 +45,9 @@ Example:
 
 Layout: :mod:`~branchnas.search.cost` (the cost), :mod:`~branchnas.search.lattice` (partitions,
 counting, RGS tables), :mod:`~branchnas.search._base` (strategy and engine contracts),
-:mod:`~branchnas.search.exact` and :mod:`~branchnas.search.scalable` (the two strategies),
+:mod:`~branchnas.search.exact` and :mod:`~branchnas.search.scalable` (the two strategies; the
+scalable one builds on :mod:`~branchnas.search.proposals`, :mod:`~branchnas.search.candidates`
+and :mod:`~branchnas.search.polish`),
 :mod:`~branchnas.search.api` (:func:`search` and the read-out), :mod:`~branchnas.search.result`,
 :mod:`~branchnas.search.present` (text and PNG). The stage that runs it is :mod:`branchnas.stages.search`.
 """

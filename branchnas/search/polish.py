@@ -1,15 +1,19 @@
-"""Local search over whole trees, for the scalable search: move one task at a time.
+"""Local search over whole trees, for the scalable search: re-fit levels, move and swap tasks.
 
 The candidate DAG of the scalable search holds, per branch point, partitions that are good
 for that point (or a window of points) on their own. The best tree often differs from the
-DAG's best by a few tasks placed differently, at one or several points at once, which no
-candidate holds. :func:`_polish_tree` fixes that by *task reinsertion*: take one task out of
-the tree (its groups shrink, and vanish where it was alone) and put it back where the tree
-cost is lowest, among every place that keeps the partitions nested: sharing the groups of
-another task at points ``0..e-1`` and alone from point ``e`` on, for every task and every
-``e`` (``e = 0``: alone everywhere). Group counts, and so the size, change with the move;
-only moves that keep the size within the limit are taken, and only strict improvements, so
-the search stops.
+DAG's best across points, which no candidate holds. Two kinds of moves fix that:
+
+* :func:`_refit_levels` keeps one partition of a tree and re-fits the others to it, at the
+  same group counts: the ones above by greedily coarsening the one below, the ones below by
+  greedily refining the one above. This is the lookahead the per-point proposals lack (a
+  group that is poor at ``d`` alone but splits well at ``d+1`` is found from ``d+1``).
+* :func:`_polish_tree` takes the best of all *task reinsertions* (take one task out of the
+  tree, its groups shrink and vanish where it was alone, and put it back where the cost is
+  lowest among every place that keeps the partitions nested: sharing the groups of another
+  task at points ``0..e-1`` and alone from point ``e`` on) and all *swaps* (two tasks trade
+  places; the shape stays), one move at a time. Reinsertion changes group counts, so only
+  moves that keep the size within the limit are taken, and only strict improvements.
 
 A tree is held as a ``D x N`` array of group labels (any labels; row ``d`` is ``P_d``).
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from branchnas.search.proposals import _beam_merges
+from branchnas.search.proposals import _greedy_merges
 
 __all__: list[str] = []
 
@@ -81,10 +85,27 @@ def _polish_tree(labels: np.ndarray, dis: np.ndarray, fixed: float, block: np.nd
 
 def _level_tables(lab: np.ndarray, dis_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For one point: ``far[i, j]``, the farthest task from ``i`` in ``j``'s group other than
-    ``j``, and ``rest[i]``, the diameter of ``i``'s group without ``i``."""
+    ``j`` (0 if none), and ``rest[i]``, the diameter of ``i``'s group without ``i``.
+
+    ``O(N^2)``: per task and group, the farthest member and the second farthest (for when
+    the farthest is ``j`` itself).
+    """
     n = len(lab)
+    order = np.argsort(lab, kind="stable")
+    sorted_lab = lab[order]
+    starts = np.flatnonzero(np.diff(sorted_lab, prepend=-1))
+    group = np.cumsum(np.diff(sorted_lab, prepend=-1) != 0) - 1  # group index of each sorted column
+    cols = dis_d[:, order]
+    top = np.maximum.reduceat(cols, starts, axis=1)  # (task, group): farthest member
+    position = np.arange(n)
+    is_top = cols == top[:, group]
+    first_top = n - np.maximum.reduceat(np.where(is_top, n - position, 0), starts, axis=1)  # its column
+    second = np.maximum.reduceat(np.where(position == first_top[:, group], 0.0, cols), starts, axis=1)
+    where = np.empty(n, dtype=np.int64)
+    where[order] = position  # sorted column of every task
+    g = group[where]  # group index of every task
+    far = np.where(first_top[:, g] == where[None, :], second[:, g], top[:, g])
     mates = (lab[:, None] == lab[None, :]) & ~np.eye(n, dtype=bool)
-    far = np.where(mates[None, :, :], dis_d[:, None, :], 0.0).max(axis=2)
     rest = np.where(mates, far.T, 0.0).max(axis=1)
     return far, rest
 
@@ -150,28 +171,25 @@ def _swap(tree: np.ndarray, tables: list[tuple[np.ndarray, np.ndarray]], diam: n
     tree[:, [i, j]] = tree[:, [j, i]]
     return True
 
-def _refit_levels(tree: np.ndarray, dis: np.ndarray, width: int, anchors: list[int] | None = None) -> list[np.ndarray]:
+
+def _refit_levels(tree: np.ndarray, dis: np.ndarray, anchors: list[int] | None = None) -> list[np.ndarray]:
     """Variants of a tree with the same group counts, each partition re-fitted to its neighbour.
 
-    For every point ``a``, ``P_a`` is kept; above it, each ``P_d`` becomes the best coarsening
-    of the new ``P_{d+1}`` with ``|P_d|`` groups, and below it the best refinement of the new
-    ``P_{d-1}`` (both by a beam over merges for ``C_d``, :func:`branchnas.search.proposals._beam_merges`).
-    This is the lookahead that per-point proposals lack: a group that is poor at ``d`` alone
-    but splits well at ``d+1`` is found from ``d+1``.
+    For every point ``a`` (or those in ``anchors``), ``P_a`` is kept; above it, each ``P_d``
+    becomes the greedy coarsening of the new ``P_{d+1}`` to ``|P_d|`` groups, and below it
+    the greedy refinement of the new ``P_{d-1}`` (merges inside its groups), both for the sum
+    of the diameters at ``d`` (:func:`branchnas.search.proposals._greedy_merges`). This is the
+    lookahead that per-point proposals lack: a group that is poor at ``d`` alone but splits
+    well at ``d+1`` is found from ``d+1``.
     """
     num_points, _ = tree.shape
     counts = [len(np.unique(row)) for row in tree]
     variants = []
     for anchor in range(num_points) if anchors is None else anchors:
         chain = tree.copy()
-        steps = [(d, "up") for d in range(anchor - 1, -1, -1)] + [(d, "down") for d in range(anchor + 1, num_points)]
-        for d, way in steps:
-            if way == "up":
-                rows, score = _beam_merges(dis[d:d + 1], width, start=chain[d + 1], stop=counts[d])
-            else:
-                rows, score = _beam_merges(dis[d:d + 1], width, within=chain[d - 1], stop=counts[d])
-            fit = np.flatnonzero(rows.max(axis=1) + 1 == counts[d])
-            chain[d] = rows[fit[np.argmin(score[fit])]]
-        if steps or anchors is not None:
-            variants.append(chain)
+        for d in range(anchor - 1, -1, -1):
+            chain[d] = _greedy_merges(dis[d], counts[d], start=chain[d + 1])
+        for d in range(anchor + 1, num_points):
+            chain[d] = _greedy_merges(dis[d], counts[d], within=chain[d - 1])
+        variants.append(chain)
     return variants

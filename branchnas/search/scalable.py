@@ -1,10 +1,14 @@
-"""The scalable search (many tasks): nested clustering candidates per branch point, then the DP over them.
+"""The scalable search (many tasks): the DP over a candidate DAG, then tree-level improvement.
 
-Candidate partitions per branch point come from complete-linkage clustering of that point's
-dissimilarity (complete linkage minimises the within-group maximum that the cost uses) at
-every cut, each also polished by single-task moves, made to nest by intersecting with every
-candidate of the branch point before. The same DP then runs exactly over that candidate DAG,
-with sparse labels (:class:`_CandidateEngine`).
+:mod:`branchnas.search.candidates` builds nested candidate partitions per branch point
+(proposals with a low sum of group diameters, made to nest); the same DP as the exact search
+then runs exactly over that candidate DAG, with sparse labels (:class:`_CandidateEngine`).
+
+With a budget, the best trees found are then improved across branch points, where the
+per-point candidates are weakest (:mod:`branchnas.search.polish`): re-fitting each partition
+to its neighbours at the same group counts, trying other candidates in place of one
+partition, and moving or swapping single tasks. The partitions of the improved trees join
+the DAG and the DP runs again (:meth:`ScalableSearch.build`).
 """
 
 from __future__ import annotations
@@ -16,33 +20,24 @@ import numpy as np
 from branchnas.cost import BlockCosts
 from branchnas.errors import UserError
 from branchnas.search._base import SearchStrategy, _Engine
+from branchnas.search.candidates import BEAM_WIDTH, CUTS_PER_COUNT, _candidates, _unique_rgs
 from branchnas.search.cost import _row_level_costs
 from branchnas.search.lattice import _CHUNK, _canonical_rgs, _unique_rows
 from branchnas.search.polish import _diameters, _polish_tree, _refit_levels, _tree_value
-from branchnas.search.proposals import _beam_merges, _linkage_cuts
 from branchnas.tree import Partition
 
 __all__ = ["MAX_CANDIDATES", "ScalableSearch"]
 
-#: Candidate partitions kept per branch point in scalable mode (40 tasks x 4 points: ~7 s).
+#: Candidate partitions kept per branch point in scalable mode (40 tasks x 4 points: ~2 s in all).
 MAX_CANDIDATES = 5_000
-#: States kept per step of the beam over merges (:func:`branchnas.search.proposals._beam_merges`).
-BEAM_WIDTH = 5
-#: Proposals per group count and branch point that are made to nest.
-CUTS_PER_COUNT = 3
-#: Trees improved per round (the best of that many count vectors within the budget).
-SEEDS = 5
-#: The most rounds of polish, each followed by the DP over the grown candidates.
+#: Trees improved per round: the best of that many count vectors within the budget.
+SEEDS = 8
+#: The most rounds of improvement, each followed by the DP over the grown candidates.
 ROUNDS = 3
-COARSEN = 0
-TOP_FACTOR = 1
-ANCHORS = 0
-REFIT_WIDTH = 5
-POLISH_TOP = 1000
-KEEP_WHOLE = True
-TOP_ONLY_MAX_D = 99
-KEEP_C = 1
-CW = 5
+#: Other candidates (the cheapest with the same group count) tried in place of each partition of a seed.
+ALTERNATIVES = 10
+#: Variants of a seed that are polished (the cheapest); the others join the DAG as they are.
+POLISHED = 8
 
 
 class _CandidateEngine(_Engine):
@@ -191,328 +186,43 @@ def _refinement_edges(coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray,
     return indptr, np.concatenate(children)
 
 
-def _recluster_within(parents: np.ndarray, dis_d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Refinements of each parent: complete linkage inside every group, all cut at one common height.
-
-    Returns the refinements (rows of labels) and the index of the parent of each.
-    """
-    n = dis_d.shape[0]
-    cache: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # parents share many groups
-    out, owner = [], []
-    for p, row in enumerate(parents):
-        groups = [np.flatnonzero(row == g) for g in range(int(row.max()) + 1)]
-        per_group = []
-        for items in groups:
-            if len(items) == 1:
-                per_group.append((items, np.zeros((1, 1), np.int64), np.zeros(0)))
-                continue
-            key = items.tobytes()
-            if key not in cache:
-                cache[key] = _linkage_cuts(dis_d[np.ix_(items, items)])
-            per_group.append((items, *cache[key]))
-        cuts = np.unique(np.concatenate([[-np.inf], *(h for _, _, h in per_group)]))
-        labels = np.empty((len(cuts), n), dtype=np.int64)
-        offset = 0
-        for items, states, h in per_group:
-            merged = np.searchsorted(h, cuts, side="right")  # merges at or below each height
-            labels[:, items] = states[merged] + offset
-            offset += 2 * len(items)
-        out.append(labels)
-        owner.append(np.full(len(cuts), p))
-    return np.concatenate(out), np.concatenate(owner)
+def _refinement_edges(coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR lists: for every coarse partition, the fine partitions that refine it."""
+    n = coarse.shape[1]
+    fine64 = fine.astype(np.int64)
+    first = (fine64[:, :, None] == fine64[:, None, :]).argmax(axis=2)  # a representative per item
+    coarse64 = coarse.astype(np.int64)
+    step = max(1, _CHUNK // max(1, len(fine) * n))
+    parents, children = [], []
+    for lo in range(0, len(coarse), step):
+        c = coarse64[lo:lo + step]
+        # R refines Q iff every item has Q's label of its R-group's representative.
+        ok = (c[:, first.ravel()].reshape(len(c), len(fine), n) == c[:, None, :]).all(axis=2)
+        p, k = np.nonzero(ok)
+        parents.append(p + lo)
+        children.append(k)
+    parent = np.concatenate(parents)
+    indptr = np.searchsorted(parent, np.arange(len(coarse) + 1))
+    return indptr, np.concatenate(children)
 
 
-def _pack_rgs(rows: np.ndarray) -> np.ndarray:
-    """Restricted growth strings packed into int64 words, most significant first (same order)."""
-    count, n = rows.shape
-    bits = max(1, (n - 1).bit_length())
-    per = 63 // bits
-    words = -(-n // per)
-    padded = np.zeros((count, words * per), dtype=np.int64)
-    padded[:, :n] = rows
-    weights = np.int64(1) << (bits * np.arange(per - 1, -1, -1, dtype=np.int64))
-    return padded.reshape(count, words, per) @ weights
+def _variants(seed: np.ndarray, engine: _CandidateEngine, dis: np.ndarray, alternatives: int) -> list[np.ndarray]:
+    """Trees with the seed's group counts: the seed re-fitted around each of its partitions, and
+    around each of the ``alternatives`` cheapest candidates of the same count in its place."""
+    variants = [seed, *_refit_levels(seed, dis)]
+    for d in range(len(seed)):
+        same = np.flatnonzero(engine.counts[d] == int(seed[d].max()) + 1)
+        for row in engine.levels[d][same[np.argsort(engine.cost[d][same], kind="stable")[:alternatives]]]:
+            other = seed.copy()
+            other[d] = row
+            variants.extend(_refit_levels(other, dis, anchors=[d]))
+    return list({_canonical_rgs(tree).tobytes(): tree for tree in variants}.values())
 
 
-def _unique_rgs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_unique_rows` for restricted growth strings, sorting a few packed words instead of N columns."""
-    if len(rows) == 0:
-        return rows, np.zeros(0, np.int64)
-    keys = _pack_rgs(rows)
-    order = np.lexsort(keys.T[::-1])
-    ordered = keys[order]
-    new = np.ones(len(rows), dtype=bool)
-    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
-    inverse = np.empty(len(rows), dtype=np.int64)
-    inverse[order] = np.cumsum(new) - 1
-    return rows[order[new]], inverse
-
-
-def _windows(num_points: int) -> list[tuple[int, int]]:
-    """The windows ``[s, e]`` of consecutive branch points that get their own proposals.
-
-    All of them up to 4 points long, and every suffix: a tree usually keeps a partition
-    over a few consecutive points, and very often down to the last one.
-    """
-    return [(s, e) for s in range(num_points) for e in range(s, num_points)
-            if e - s < 4 or e == num_points - 1]
-
-
-def _ranked(found: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """The rank of every row among the rows of its group count, by ``value`` (then order)."""
-    counts = found.max(axis=1)
-    order = np.lexsort((np.arange(len(found)), value, counts))
-    rank = np.empty(len(found))
-    rank[order] = np.arange(len(found)) - np.searchsorted(counts[order], counts[order])
-    return rank
-
-
-def _merge_ranked(parts: list[tuple[np.ndarray, np.ndarray]], per_count: int) -> np.ndarray:
-    """Distinct rows taken by rank (ties: in the order of ``parts``), at most ``per_count`` per group count.
-
-    Returns them in that priority order.
-    """
-    rows = np.concatenate([r for r, _ in parts])
-    rank = np.concatenate([k for _, k in parts])
-    order = np.argsort(rank, kind="stable")
-    distinct, inverse = _unique_rgs(rows[order])
-    first = np.full(len(distinct), len(order))
-    np.minimum.at(first, inverse, np.arange(len(order)))
-    distinct = distinct[np.argsort(first)]
-    counts = distinct.max(axis=1)
-    by_count = np.argsort(counts, kind="stable")
-    within = np.arange(len(distinct)) - np.searchsorted(counts[by_count], counts[by_count])
-    return distinct[np.sort(by_count[within < per_count])]
-
-
-def _point_cuts(dis: np.ndarray, width: int, per_count: int, coarsen: int = 0) -> list[np.ndarray]:
-    """The proposals of every branch point, in priority order.
-
-    Per point ``d``, at most ``per_count`` per group count: the beam states of every window
-    that contains ``d`` (:func:`_beam_merges`), taken in turn by their rank within the count
-    (so every window gets its best proposal in before any gets its second best), and the
-    complete-linkage cut of ``d``.
-
-    Then, with ``coarsen``, lookahead: the best tree often shares a group at ``d`` that is
-    no good at ``d`` alone but splits well at ``d+1``. So, from the last point up, the first
-    ``coarsen`` proposals of every count at ``d+1`` are coarsened for ``d`` (a beam over
-    merges of their groups), and the coarsenings ranked by ``C_d`` plus the ``C_{d+1}`` of
-    what they coarsen join the proposals of ``d`` (``coarsen`` more per count).
-    """
-    num_points, n, _ = dis.shape
-    beams = {w: _beam_merges(dis[w[0]:w[1] + 1], width) for w in _windows(num_points)}
-    pools = []
-    for d in range(num_points):
-        cuts = _canonical_rgs(_linkage_cuts(dis[d])[0]).astype(np.int64)
-        parts = [(cuts, np.full(len(cuts), 1.5))]  # after the windows' second best
-        for (s, e), (found, score) in beams.items():
-            if s <= d <= e:
-                parts.append((found, _ranked(found, score)))
-        pools.append(_merge_ranked(parts, per_count * (TOP_FACTOR if d == 0 else 1)))
-    for d in range(num_points - 2, -1, -1) if coarsen else ():
-        if d > TOP_ONLY_MAX_D:
-            continue
-        finer = pools[d + 1]
-        seeds = finer[_ranked(finer, np.zeros(len(finer))) < coarsen]  # pools are in priority order
-        below = _row_level_costs(seeds, dis[d + 1])
-        found, value = [], []
-        for seed, cost in zip(seeds, below.tolist(), strict=True):
-            rows, score = _beam_merges(dis[d:d + 1], CW, seed)
-            found.append(rows[1:])
-            value.append(score[1:] / (rows[1:].max(axis=1) + 1) + cost)
-        if found:
-            found_all = np.concatenate(found)
-            coarse = _merge_ranked([(found_all, _ranked(found_all, np.concatenate(value)))], KEEP_C)
-            pools[d] = _merge_ranked([(pools[d], np.zeros(len(pools[d]))), (coarse, np.ones(len(coarse)))],
-                                     per_count + KEEP_C)
-    return pools
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """A 64-bit finaliser (MurmurHash3's): spreads the bits of a sum of task keys."""
-    x = x ^ (x >> np.uint64(33))
-    x = x * np.uint64(0xFF51AFD7ED558CCD)
-    x = x ^ (x >> np.uint64(33))
-    x = x * np.uint64(0xC4CEB9FE1A85EC53)
-    return x ^ (x >> np.uint64(33))
-
-
-class _GroupTables:
-    """How every cut splits every distinct group of the previous point's candidates.
-
-    An intersection ``Q & C`` has the groups ``q & c`` (``q`` in ``Q``, ``c`` in ``C``); its
-    sum of group diameters is ``sum_q (sum of the diameters of C's parts of q)``, and the
-    candidates of a point share most of their groups. So the parts of each distinct group
-    under each cut are worked out once (``O(cuts * |q|^2)`` per group), and then every
-    intersection costs ``O(groups)`` to score, instead of ``O(N^2)``; only the kept ones
-    are written out. The same goes for a
-    label-free 64-bit key of the intersection (the wrapping sum, over its groups, of a mix
-    of the sum of its tasks' random keys), which finds the pairs that make the same
-    partition without writing them all out.
-
-    Attributes:
-        slots: ``(P, K)``, the distinct-group ids of every previous candidate's groups
-            (padded to the largest count ``K`` with an empty group's id).
-        diam: ``(G + 1, C)``, sum of the diameters of the parts of each group under each cut.
-        parts: ``(G + 1, C)``, their number.
-        key: ``(G + 1, C)``, the key of the parts.
-    """
-
-    def __init__(self, prev: np.ndarray, cuts: np.ndarray, dis_d: np.ndarray):
-        count, n = prev.shape
-        ncuts = len(cuts)
-        labels = prev.astype(np.int64)
-        k = labels.max(axis=1) + 1
-        owner = np.repeat(np.arange(count), k)
-        slot = np.arange(len(owner)) - np.repeat(np.cumsum(k) - k, k)
-        masks = np.packbits(labels[owner] == slot[:, None], axis=1)
-        _, first, gid = np.unique(masks, axis=0, return_index=True, return_inverse=True)
-        groups = len(first)
-        members = [np.flatnonzero(labels[owner[f]] == slot[f]) for f in first.tolist()]
-        self.slots = np.full((count, int(k.max())), groups, dtype=np.int64)
-        self.slots[owner, slot] = gid.ravel()
-        self.size = np.array([len(m) for m in members] + [0])
-        task_key = np.random.default_rng(0x5EED).integers(0, 2**63, n, dtype=np.uint64)
-        dis32 = dis_d.astype(np.float32)
-        self.diam = np.zeros((groups + 1, ncuts))
-        self.parts = np.zeros((groups + 1, ncuts), dtype=np.int64)
-        self.key = np.zeros((groups + 1, ncuts), dtype=np.uint64)
-        for s in np.unique(self.size[:-1]).tolist():
-            ids = np.flatnonzero(self.size[:-1] == s)
-            items = np.stack([members[g] for g in ids.tolist()])  # (G, s)
-            step = max(1, _CHUNK // max(1, ncuts * s * s))
-            for lo in range(0, len(ids), step):
-                gs, it = ids[lo:lo + step], items[lo:lo + step]
-                lab = np.moveaxis(cuts[:, it], 0, 1)  # (G, C, s)
-                same = lab[..., :, None] == lab[..., None, :]
-                head = same.argmax(axis=-1)  # local index of the first task of each task's part
-                flat = (np.arange(head.size).reshape(head.shape) - np.arange(s) + head).ravel()
-                sums = np.zeros(head.size, dtype=np.uint64)
-                np.add.at(sums, flat, np.broadcast_to(task_key[it][:, None, :], head.shape).ravel())
-                is_head = (head == np.arange(s)).ravel()
-                self.key[gs] = np.where(is_head, _mix(sums), np.uint64(0)).reshape(head.shape).sum(
-                    axis=-1, dtype=np.uint64)
-                self.parts[gs] = is_head.reshape(head.shape).sum(axis=-1)
-                if s > 1:
-                    # Float32 is plenty to rank candidates; the DP recomputes exact costs.
-                    sub = dis32[it[:, :, None], it[:, None, :]][:, None]  # (G, 1, s, s)
-                    reach = np.where(same, sub, np.float32(0)).max(axis=-1)  # farthest part-mate
-                    width = np.zeros(head.size, dtype=np.float32)
-                    np.maximum.at(width, flat, reach.ravel())  # part diameter, at its head
-                    self.diam[gs] = width.reshape(head.shape).sum(axis=-1, dtype=np.float64)
-
-    def scores(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Sum of group diameters, group count and key of every intersection, ``(P, C)`` each."""
-        total = np.zeros((len(self.slots), self.diam.shape[1]))
-        parts = np.zeros(total.shape, dtype=np.int64)
-        key = np.zeros(total.shape, dtype=np.uint64)
-        for j in range(self.slots.shape[1]):
-            total += self.diam[self.slots[:, j]]
-            parts += self.parts[self.slots[:, j]]
-            key += self.key[self.slots[:, j]]
-        return total, parts, key
-
-
-def _nest(prev: np.ndarray, cuts: np.ndarray, dis_d: np.ndarray, limit: int
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The cheapest intersections of a candidate of the previous point with a cut.
-
-    Every (candidate, cut) pair is scored (:class:`_GroupTables`); per group count, the
-    ``limit // (largest count)`` distinct cheapest intersections are kept (as
-    :func:`_prune_candidates` does), with every pair that makes one of them.
-
-    Returns the kept intersections (sorted) and, for every (parent, intersection) pair
-    made, the parent index and the intersection index.
-    """
-    tables = _GroupTables(prev, cuts, dis_d)
-    total, parts, key = tables.scores()
-    cost, parts, key = (total / parts).ravel(), parts.ravel(), key.ravel()
-    quota = max(1, limit // int(parts.max()))
-    ncuts = len(cuts)
-    # A cut that refines the parent is the intersection itself; those are always kept, so
-    # that chains of proposals (a coarsening above what it coarsens) survive.
-    whole = (parts.reshape(-1, ncuts) == cuts.max(axis=1) + 1).ravel() if KEEP_WHOLE else np.zeros(len(parts), bool)
-    # Rows grouped by intersection (count, key), cheapest first within each group.
-    order = np.lexsort((np.arange(len(cost)), cost, key, parts))
-    start = np.ones(len(order), dtype=bool)
-    start[1:] = (parts[order][1:] != parts[order][:-1]) | (key[order][1:] != key[order][:-1])
-    group = np.empty(len(order), dtype=np.int64)
-    group[order] = np.cumsum(start) - 1
-    head = order[start]  # the cheapest row of every distinct intersection
-    # Distinct intersections by (count, cost); keep the first ``quota`` of every count.
-    ranked = np.lexsort((key[head], cost[head], parts[head]))
-    counts = parts[head][ranked]
-    rank = np.empty(len(head), dtype=np.int64)
-    rank[ranked] = np.arange(len(head)) - np.searchsorted(counts, counts)
-    keep = (rank < quota) | (np.bincount(group, weights=whole, minlength=len(head)) > 0)
-    index = np.cumsum(keep) - 1
-    best = head[keep]
-    pairs = np.flatnonzero(keep[group])  # every pair that makes a kept intersection
-    n = prev.shape[1]
-    cand = _canonical_rgs(prev[best // ncuts].astype(np.int64) * (2 * n) + cuts[best % ncuts]).astype(np.int64)
-    child = index[group[pairs]]
-    parent = pairs // ncuts
-    # A key collision could pair a parent with a partition that does not refine it: check.
-    head = (cand[:, :, None] == cand[:, None, :]).argmax(axis=2)[child]
-    ok = (np.take_along_axis(prev[parent], head, axis=1) == prev[parent]).all(axis=1)
-    cand, again = _unique_rgs(cand)
-    return cand, parent[ok], again[child[ok]]
-
-
-def _candidates(dis: np.ndarray, max_candidates: int, recluster: bool = False, *,
-                width: int | None = None, per_count: int | None = None,
-                ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
-    """Nested candidate partitions per branch point for the scalable search.
-
-    The proposals of every point (:func:`_point_cuts`) are made to nest by intersecting each
-    with every candidate of the point before; at most ``max_candidates`` per point are kept,
-    the cheapest of every group count.
-
-    Returns the candidates per branch point and, between consecutive points, the CSR lists of
-    the pairs (parent, refinement) that generated them.
-    """
-    num_points, n, _ = dis.shape
-    point_cuts = _point_cuts(dis, width or BEAM_WIDTH, per_count or CUTS_PER_COUNT, COARSEN)
-    levels: list[np.ndarray] = []
-    edges: list[tuple[np.ndarray, np.ndarray]] = []
-    for d in range(num_points):
-        cuts = point_cuts[d]
-        if d == 0:
-            cand, _ = _unique_rgs(cuts)
-        else:
-            prev = levels[-1]
-            cand, parent, inverse = _nest(prev, cuts, dis[d], max_candidates)
-            if recluster:
-                more, whose = _recluster_within(prev.astype(np.int64), dis[d])
-                cand, again = _unique_rgs(np.concatenate([cand, _canonical_rgs(more).astype(np.int64)]))
-                parent = np.concatenate([parent, whose])
-                inverse = np.concatenate([again[:len(again) - len(more)][inverse], again[len(again) - len(more):]])
-        if len(cand) > max_candidates:
-            kept = _prune_candidates(cand, dis[d], max_candidates)
-            remap = np.full(len(cand), -1)
-            remap[kept] = np.arange(len(kept))
-            cand = cand[kept]
-            if d > 0:
-                inverse = remap[inverse]
-                parent, inverse = parent[inverse >= 0], inverse[inverse >= 0]
-        if d > 0:
-            pairs, _ = _unique_rows(np.stack([parent, inverse], axis=1))
-            indptr = np.searchsorted(pairs[:, 0], np.arange(len(prev) + 1))
-            edges.append((indptr, pairs[:, 1]))
-        levels.append(cand)
-    return levels, edges
-
-
-def _prune_candidates(cand: np.ndarray, dis_d: np.ndarray, limit: int) -> np.ndarray:
-    """Indices of the cheapest candidates of every group count (so every size stays reachable)."""
-    counts = cand.max(axis=1).astype(np.int64) + 1
-    cost = _row_level_costs(cand, dis_d)
-    quota = max(1, limit // int(counts.max()))
-    keep = []
-    for k in np.unique(counts):
-        idx = np.flatnonzero(counts == k)
-        keep.append(idx[np.lexsort((idx, cost[idx]))][:quota])
-    return np.sort(np.concatenate(keep))
+def _fits(tree: np.ndarray, fixed: float, block: np.ndarray, budget: float) -> bool:
+    """Whether a tree (``D x N`` labels) is within the budget, sized as :meth:`BlockCosts.sizes` does."""
+    counts = np.array([len(np.unique(row)) for row in tree], dtype=np.float64)
+    return bool(fixed + counts @ block <= budget)
 
 
 def _best_trees(engine: _CandidateEngine, fixed: float, block: np.ndarray, budget: float,
@@ -535,11 +245,6 @@ def _best_trees(engine: _CandidateEngine, fixed: float, block: np.ndarray, budge
     return trees
 
 
-def _fits(tree: np.ndarray, fixed: float, block: np.ndarray, budget: float) -> bool:
-    counts = np.array([len(np.unique(row)) for row in tree], dtype=np.float64)
-    return bool(fixed + counts @ block <= budget)
-
-
 def _best_value(engine: _CandidateEngine, fixed: float, block: np.ndarray, budget: float) -> float:
     """The cost of the best tree of the DAG that fits the budget (inf if none)."""
     node, _, value = engine.labels[0]
@@ -548,90 +253,91 @@ def _best_value(engine: _CandidateEngine, fixed: float, block: np.ndarray, budge
 
 
 def _with_trees(levels: list[np.ndarray], edges: list[tuple[np.ndarray, np.ndarray]],
-                trees: list[np.ndarray], loose: list[np.ndarray] = ()
+                trees: list[np.ndarray], loose: list[np.ndarray]
                 ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]]]:
-    """Add the partitions of some trees to the candidates.
+    """Add the partitions of some trees to the candidate DAG.
 
-    The partitions of ``trees`` are linked to every candidate that they refine or that
+    The new partitions of ``trees`` are linked to every candidate that they refine or that
     refines them; those of ``loose`` (many more, so cheaper to link) only to the other new
     partitions. Existing candidates keep their indices (new ones are appended), so every
-    tree of the old DAG is still one of the new DAG.
+    tree of the old DAG is still one of the new DAG, and so is every tree given.
     """
-    grown, start, rich = [], [], []
+    grown, old, linked_all, where = [], [], [], []
     for d, rows in enumerate(levels):
-        new = np.concatenate([_canonical_rgs(np.stack([t[d] for t in group])).astype(rows.dtype)
-                              for group in (trees, loose) if len(group)])
+        given = _canonical_rgs(np.stack([tree[d] for tree in [*trees, *loose]])).astype(rows.dtype)
+        rich = np.arange(len(given)) < len(trees)
         known = set(map(bytes, rows))
-        fresh = np.array([bytes(r) not in known for r in new], dtype=bool)
-        first = np.concatenate([np.ones(len(trees), dtype=bool), np.zeros(len(loose), dtype=bool)])
-        new, inverse = _unique_rgs(new[fresh])
-        linked_all = np.zeros(len(new), dtype=bool)
-        np.logical_or.at(linked_all, inverse, first[fresh])
-        order = np.argsort(~linked_all, kind="stable")  # fully linked ones first
+        fresh = np.array([bytes(row) not in known for row in given], dtype=bool)
+        new, inverse = _unique_rgs(given[fresh])
+        full = np.zeros(len(new), dtype=bool)
+        np.logical_or.at(full, inverse, rich[fresh])
+        order = np.argsort(~full, kind="stable")  # the fully linked ones first
         grown.append(np.concatenate([rows, new[order]]))
-        start.append(len(rows))
-        rich.append(int(linked_all.sum()))
+        old.append(len(rows))
+        linked_all.append(int(full.sum()))
+        index = {bytes(row): i for i, row in enumerate(grown[-1])}
+        where.append(np.array([index[bytes(row)] for row in given]))  # node of every given tree
     linked = []
     for d, (indptr, kids) in enumerate(edges):
-        old_p, old_k = start[d], start[d + 1]
-        parent = [np.repeat(np.arange(old_p), np.diff(indptr))]
-        child = [kids]
-        if rich[d + 1]:  # old parents -> fully linked new kids
-            ip, kk = _refinement_edges(levels[d], grown[d + 1][old_k:old_k + rich[d + 1]])
-            parent.append(np.repeat(np.arange(old_p), np.diff(ip)))
-            child.append(kk + old_k)
-        if rich[d]:  # fully linked new parents -> every kid
-            ip, kk = _refinement_edges(grown[d][old_p:old_p + rich[d]], grown[d + 1])
-            parent.append(np.repeat(np.arange(old_p, old_p + rich[d]), np.diff(ip)))
-            child.append(kk)
-        if len(grown[d]) > old_p + rich[d] and len(grown[d + 1]) > old_k:  # other new parents -> new kids
-            ip, kk = _refinement_edges(grown[d][old_p + rich[d]:], grown[d + 1][old_k:])
-            parent.append(np.repeat(np.arange(old_p + rich[d], len(grown[d])), np.diff(ip)))
-            child.append(kk + old_k)
+        top, low = old[d], old[d + 1]
+        rich_top, rich_low = top + linked_all[d], low + linked_all[d + 1]
+        # The old edges, and every given tree as a chain.
+        parent = [np.repeat(np.arange(top), np.diff(indptr)), where[d]]
+        child = [kids, where[d + 1]]
+        for (p0, p1), (k0, k1) in [((0, top), (low, rich_low)),  # old parents, fully linked new kids
+                                   ((top, rich_top), (0, len(grown[d + 1]))),  # fully linked new parents, every kid
+                                   ((rich_top, len(grown[d])), (low, len(grown[d + 1])))]:  # other new, new
+            if p1 > p0 and k1 > k0:
+                ip, kk = _refinement_edges(grown[d][p0:p1], grown[d + 1][k0:k1])
+                parent.append(p0 + np.repeat(np.arange(p1 - p0), np.diff(ip)))
+                child.append(k0 + kk)
         pairs, _ = _unique_rows(np.stack([np.concatenate(parent), np.concatenate(child)], axis=1))
         linked.append((np.searchsorted(pairs[:, 0], np.arange(len(grown[d]) + 1)), pairs[:, 1]))
     return grown, linked
 
 
 class ScalableSearch(SearchStrategy):
-    """Clustering candidates per branch point, made to nest, the exact DP over them, then tree polish.
+    """The exact DP over a DAG of nested clustering candidates, then tree-level improvement.
 
     Per branch point, the candidates are proposals of partitions with a low sum of group
-    diameters (:func:`_point_cuts`): a beam search over merges, for that point and for every
-    window of consecutive points that contains it, and complete-linkage cuts, at most
-    ``cuts_per_count`` per group count. They nest by intersecting every candidate of the
-    previous point with every proposal; when a point would have more than ``max_candidates``,
-    the cheapest ones of every group count are kept (:func:`_nest`). The DP then finds the
-    best tree of that candidate DAG for every count vector.
+    diameters, ``cuts_per_count`` per group count: the states of a beam search over merges
+    (``beam_width`` states per step), for that point and for every window of consecutive
+    points that contains it, and complete-linkage cuts. They nest by intersecting every
+    candidate of the previous point with every proposal; the cheapest ``max_candidates``
+    per point are kept, spread over the group counts (:mod:`branchnas.search.candidates`).
+    The DP then finds the best tree of that DAG for every count vector.
 
-    With a budget, the trees are then improved where the DAG is weakest, across branch
-    points: the best tree of each of the ``seeds`` best count vectors that fit is re-fitted
-    level by level (:func:`branchnas.search.polish._refit_levels`) and every variant is
-    polished by task reinsertion and swaps (:func:`branchnas.search.polish._polish_tree`).
-    Their partitions join the candidates (linked to every candidate they refine or that
-    refines them) and the DP runs again, up to ``rounds`` times, while the best tree within
-    the budget gets cheaper. The result is the best tree of the final DAG. Without a budget
-    (the Pareto front) the first DAG is used as it is.
+    With a budget, the best tree of each of the ``seeds`` best count vectors within it is
+    then improved. Its variants with the same group counts, each partition in turn kept
+    (itself, or one of the ``alternatives`` cheapest candidates with its count) and the
+    others re-fitted to it (:func:`branchnas.search.polish._refit_levels`), the cheapest
+    polished by moving and swapping single tasks (:func:`branchnas.search.polish._polish_tree`),
+    join the DAG, and the DP runs again; up to ``rounds`` rounds, each from the seeds not
+    yet tried. The result is the best tree of the final DAG (the first DAG if none is
+    cheaper). Without a budget (the Pareto front), the first DAG is used as it is.
 
     Args:
-        max_candidates: the most candidate partitions kept per branch point.
+        max_candidates: the most candidate partitions kept per branch point when the DAG is
+            built (the improvement then adds the partitions of the trees it makes).
         recluster: also refine every parent by complete linkage inside each of its groups,
             cut at one common height (more candidates, slower, rarely better).
         all_edges: link every candidate to every candidate of the next point that refines
             it, not only to those it generated (more trees, slower).
         beam_width: states kept per step of the beams over merges.
         cuts_per_count: proposals per group count and branch point.
-        seeds: trees improved per round (0: none).
+        seeds: trees improved per round (0: no improvement, only the DP over the candidates).
         rounds: the most rounds of improvement.
+        alternatives: other candidates tried in place of each partition of a seed.
     """
 
     name = "scalable"
 
     def __init__(self, max_candidates: int = MAX_CANDIDATES, recluster: bool = False, all_edges: bool = False,
                  beam_width: int = BEAM_WIDTH, cuts_per_count: int = CUTS_PER_COUNT, seeds: int = SEEDS,
-                 rounds: int = ROUNDS):
+                 rounds: int = ROUNDS, alternatives: int = ALTERNATIVES):
         for name, value, least in [("max_candidates", max_candidates, 1), ("beam_width", beam_width, 1),
-                                   ("cuts_per_count", cuts_per_count, 1), ("seeds", seeds, 0), ("rounds", rounds, 0)]:
+                                   ("cuts_per_count", cuts_per_count, 1), ("seeds", seeds, 0),
+                                   ("rounds", rounds, 0), ("alternatives", alternatives, 0)]:
             if value < least:
                 raise UserError(f"scalable search: {name} must be at least {least}; got {value}")
         self.max_candidates = max_candidates
@@ -641,46 +347,39 @@ class ScalableSearch(SearchStrategy):
         self.cuts_per_count = cuts_per_count
         self.seeds = seeds
         self.rounds = rounds
+        self.alternatives = alternatives
 
     def build(self, dis: np.ndarray, sizes: BlockCosts, metric: str, budget: float | None) -> _Engine:
         levels, edges = _candidates(dis, self.max_candidates, self.recluster, width=self.beam_width,
                                     per_count=self.cuts_per_count)
         if self.all_edges:
             edges = [_refinement_edges(levels[d], levels[d + 1]) for d in range(len(levels) - 1)]
-        engine = _CandidateEngine(dis, levels, sizes, metric, budget, edges)
-        if budget is None or self.seeds == 0:
+        engine = first = _CandidateEngine(dis, levels, sizes, metric, budget, edges)
+        if budget is None:
             return engine
         fixed, block = sizes.affine(metric)
-        first = engine
         tried: set[bytes] = set()
-        for _ in range(self.rounds):
-            found, loose = [], []
+        for _ in range(self.rounds if self.seeds else 0):
+            polished, loose = [], []
             for seed in _best_trees(engine, fixed, block, budget, self.seeds):
                 key = _canonical_rgs(seed).tobytes()
                 if key in tried:
                     continue
                 tried.add(key)
-                variants = [seed, *_refit_levels(seed, dis, REFIT_WIDTH)]
-                for a in range(len(levels)) if ANCHORS else ():
-                    k = int(seed[a].max()) + 1
-                    rows = levels[a][engine.counts[a] == k]
-                    cheap = rows[np.argsort(engine.cost[a][engine.counts[a] == k], kind="stable")[:ANCHORS]]
-                    for row in cheap:
-                        other = seed.copy()
-                        other[a] = row
-                        variants.extend(_refit_levels(other, dis, REFIT_WIDTH, anchors=[a]))
-                variants = list({_canonical_rgs(t).tobytes(): t for t in variants}.values())
-                value = [_tree_value(*_diameters(t, dis)) if _fits(t, fixed, block, budget) else np.inf for t in variants]
-                order = np.argsort(value, kind="stable")
-                found.extend(_polish_tree(variants[i], dis, fixed, block, budget) for i in order[:POLISH_TOP])
-                loose.extend(variants[i] for i in order[POLISH_TOP:])
-            if not found:
+                variants = _variants(seed, engine, dis, self.alternatives)
+                value = [_tree_value(*_diameters(tree, dis)) if _fits(tree, fixed, block, budget) else np.inf
+                         for tree in variants]
+                order = np.argsort(value, kind="stable").tolist()
+                best = [i for i in order[:POLISHED] if np.isfinite(value[i])]  # polish only trees that fit
+                polished.extend(_polish_tree(variants[i], dis, fixed, block, budget) for i in best)
+                loose.extend(variants[i] for i in order if i not in best)
+            if not polished:
                 break
-            levels, edges = _with_trees(levels, edges, found, loose)
-            cost = [np.concatenate([c, _row_level_costs(rows[len(c):], dis[d])])
-                    for d, (c, rows) in enumerate(zip(engine.cost, levels, strict=True))]
+            levels, edges = _with_trees(levels, edges, polished, loose)
+            cost = [np.concatenate([known, _row_level_costs(rows[len(known):], dis[d])])
+                    for d, (known, rows) in enumerate(zip(engine.cost, levels, strict=True))]
             engine = _CandidateEngine(dis, levels, sizes, metric, budget, edges, cost)
-        # The grown DAG only if it holds a cheaper tree within the budget.
+        # Keep the grown DAG only if it holds a cheaper tree within the budget.
         return engine if _best_value(engine, fixed, block, budget) < _best_value(first, fixed, block, budget) else first
 
     def trees_considered(self, engine: _Engine, n: int, d: int) -> int:
