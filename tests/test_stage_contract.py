@@ -96,9 +96,11 @@ def test_the_registry_orders_stages_by_their_declared_dependencies():
     recipe = load_recipe(None, [])
     assert plan(["export"], recipe) == ["pretrain", "affinity", "search", "finetune", "export"]
     assert plan(["search"], recipe, {"search": {"affinity_file": "a.npz"}}) == ["search"]
-    central = load_recipe(None, ["finetune.init=central"])
-    assert "affinity" in get_stage("finetune").dependencies(central, {})
-    assert "affinity" not in get_stage("finetune").dependencies(recipe, {})
+    for init in ("central", "outlier"):  # they pick each group's source task by affinity
+        assert "affinity" in get_stage("finetune").dependencies(load_recipe(None, [f"finetune.init={init}"]), {})
+    first = load_recipe(None, ["finetune.init=first"])
+    assert "affinity" not in get_stage("finetune").dependencies(first, {})
+    assert "affinity" in get_stage("compare").dependencies(recipe, {})  # compare reads what finetune reads
     assert "search" not in get_stage("finetune").keyed_on(recipe, {})  # keyed on its tree instead
 
 
