@@ -159,7 +159,7 @@ class FinetuneConfig(TrainConfig):
     distill_features: float = field(default=0.0, metadata=_spec("weight of feature distillation at the branch points (0 = off)", min=0.0))
     distill_temperature: float = field(default=2.0, metadata=_spec("softmax temperature of output distillation", min=0.01))
     balance: str = field(default="none", metadata=_choices("none", "single_task", doc="scale each task's loss by 1 / its single-task model's final training loss"))
-    select: str = field(default="best", metadata=_choices("last", "best", doc="keep the last epoch, or the one with the best validation Δ_MTL"))
+    select: str = field(default="last", metadata=_choices("last", "best", doc="keep the last epoch, or the one with the best validation Δ_MTL"))
     compare_random: int = field(default=0, metadata=_spec("random trees of similar size in `branchnas compare`", min=0))
 
 
