@@ -186,26 +186,6 @@ def _refinement_edges(coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray,
     return indptr, np.concatenate(children)
 
 
-def _refinement_edges(coarse: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR lists: for every coarse partition, the fine partitions that refine it."""
-    n = coarse.shape[1]
-    fine64 = fine.astype(np.int64)
-    first = (fine64[:, :, None] == fine64[:, None, :]).argmax(axis=2)  # a representative per item
-    coarse64 = coarse.astype(np.int64)
-    step = max(1, _CHUNK // max(1, len(fine) * n))
-    parents, children = [], []
-    for lo in range(0, len(coarse), step):
-        c = coarse64[lo:lo + step]
-        # R refines Q iff every item has Q's label of its R-group's representative.
-        ok = (c[:, first.ravel()].reshape(len(c), len(fine), n) == c[:, None, :]).all(axis=2)
-        p, k = np.nonzero(ok)
-        parents.append(p + lo)
-        children.append(k)
-    parent = np.concatenate(parents)
-    indptr = np.searchsorted(parent, np.arange(len(coarse) + 1))
-    return indptr, np.concatenate(children)
-
-
 def _variants(seed: np.ndarray, engine: _CandidateEngine, dis: np.ndarray, alternatives: int) -> list[np.ndarray]:
     """Trees with the seed's group counts: the seed re-fitted around each of its partitions, and
     around each of the ``alternatives`` cheapest candidates of the same count in its place."""
