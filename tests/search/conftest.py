@@ -81,3 +81,9 @@ def canon():
 def brute_force_trees():
     """``brute_force_trees(n, d)``: every tree, by filtering all tuples of partitions."""
     return _brute_force_trees
+
+
+@pytest.fixture
+def set_partitions():
+    """``set_partitions(items)``: every partition of ``items``, independent of the library."""
+    return _set_partitions

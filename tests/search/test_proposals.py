@@ -28,17 +28,6 @@ def _diameter_sum(row, stack):
     return total
 
 
-def _set_partitions(items):
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for smaller in _set_partitions(rest):
-        yield [[first], *smaller]
-        for i in range(len(smaller)):
-            yield [*smaller[:i], [first, *smaller[i]], *smaller[i + 1:]]
-
-
 def test_beam_states_are_distinct_canonical_and_scored_by_the_window_objective():
     rng = np.random.default_rng(0)
     stack = _stack(rng, 9, points=2)
@@ -51,13 +40,13 @@ def test_beam_states_are_distinct_canonical_and_scored_by_the_window_objective()
     assert np.allclose(score, [_diameter_sum(row, stack) for row in rows])
 
 
-def test_a_wide_beam_finds_the_best_partition_of_every_count_where_greedy_linkage_fails():
+def test_a_wide_beam_finds_the_best_partition_of_every_count_where_greedy_linkage_fails(set_partitions):
     # Greedy merging (the beam of width 1) misses the best partition of some count on this
     # instance; a beam that keeps enough states finds the best of every count.
     rng = np.random.default_rng(11)
     stack = _stack(rng, 7)
     best = {}
-    for groups in _set_partitions(list(range(7))):
+    for groups in set_partitions(list(range(7))):
         row = np.empty(7, dtype=np.int64)
         for g, members in enumerate(groups):
             row[members] = g
