@@ -45,6 +45,7 @@ ENUMERATION_LIMIT = 200_000
 
 
 def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any]:
+    from branchnas.budget import format_count
     from branchnas.data import load_splits
     from branchnas.finetune import finetune_tree, single_task_metrics
     from branchnas.stages.finetune import read_report
@@ -69,25 +70,37 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
         "delta_per_task": {t: 0.0 for t in names},
         "note": "stage-1 models; size of the all-separate tree",
     }]
-    # Keyed by layout: a tree that equals another row's is fine-tuned once.
-    reports: dict[Any, dict[str, Any]] = {chosen_tree.partitions: chosen}
+    # Keyed by layout and variant: a tree that equals another row's is fine-tuned once.
+    main = recipe.finetune.variant
+    reports: dict[Any, dict[str, Any]] = {(chosen_tree.partitions, main): chosen}
 
-    def add(name: str, kind: str, tree: Tree) -> None:
-        if tree.partitions not in reports:
-            reports[tree.partitions] = finetune_tree(recipe, rundir, tree, folder / name, desc=f"compare {name}",
-                                                     splits=(splits, tasks))
-        report = reports[tree.partitions]
-        same = tree.partitions == chosen_tree.partitions and kind != "chosen"
+    def add(name: str, kind: str, tree: Tree, variant: str = main, where: str = "") -> None:
+        key = (tree.partitions, variant)
+        if key not in reports:
+            reports[key] = finetune_tree(recipe, rundir, tree, folder / (where or name), desc=f"compare {name}",
+                                         splits=(splits, tasks), variant=variant)
+        report = reports[key]
+        same = tree.partitions == chosen_tree.partitions and kind not in ("chosen", "variant")
+        budget = report.get("budget") or {}
+        notes = ["the chosen tree"] if same else []
+        if budget.get("within") is False:
+            notes.append(f"over the budget ({format_count(budget['size'])} > {format_count(budget['limit'])} "
+                         f"{budget['metric']})")
         rows.append({
-            "name": name, "kind": kind, "partitions": tree.named_partitions(),
+            "name": name, "kind": kind, "variant": variant, "partitions": tree.named_partitions(),
             "params": report["params"], "flops": report["flops"],
             "test": report["test"], "delta_mtl": delta_mtl(report["test"], baseline, tasks, undefined="nan"),
             "delta_per_task": {t.name: delta_mtl(report["test"], baseline, [t], undefined="nan") for t in tasks},
-            "note": "the chosen tree" if same else "",
+            "within_budget": budget.get("within"),
+            "note": "; ".join(notes),
         })
 
     add("all-shared", "all-shared", shared)
-    add("chosen", "chosen", chosen_tree)
+    add("chosen" if main == "plain" else f"chosen ({main})", "chosen", chosen_tree)
+    # The chosen tree under the other fine-tuning variants (finetune.compare_variants).
+    for variant in recipe.finetune.compare_variants:
+        if variant != main:
+            add(f"chosen ({variant})", "variant", chosen_tree, variant, where=f"chosen-{variant}")
     # With search.top > 1 the search ranks several trees; the runners-up are compared too.
     for rank, tree in enumerate(read_ranked(rundir)[1:], 2):
         add(f"rank-{rank}", "ranked", tree)

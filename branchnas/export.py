@@ -155,6 +155,7 @@ def build_metadata(net: nn.Module, info: Mapping[str, Any]) -> dict[str, Any]:
             "std": list(info["std"]),
         },
         "preprocessing": "resize to height x width; x = (pixel / 255 - mean) / std per channel",
+        "variant": info.get("variant", "plain"),
         "partitions": info["partitions"],
         "tree": info.get("tree"),
         "backbone": info.get("backbone"),

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from branchnas.errors import NotAvailableYet, UserError
+from branchnas.errors import UserError
 from branchnas.rundir import RunDir, atomic_torch_save, atomic_write_json
 
 if TYPE_CHECKING:
@@ -57,12 +57,12 @@ __all__ = [
 #: ``format`` field of ``finetune/model.pt``; bump it when the layout changes.
 MODEL_FORMAT = "branchnas.branched/1"
 
-def check_variant(recipe: Recipe) -> None:
-    """Only the plain variant is built so far."""
-    if recipe.finetune.variant != "plain":
-        raise NotAvailableYet(
-            f"finetune.variant '{recipe.finetune.variant}' is not available yet; use 'plain'"
-        )
+def check_variant(recipe: Recipe, variant: str | None = None) -> None:
+    """Refuse an unknown or unavailable ``finetune.variant`` (or ``variant``), or its bad settings."""
+    from branchnas.variants import get_variant
+
+    names = [t.name for t in recipe.tasks] or None
+    get_variant(variant or recipe.finetune.variant, recipe).check(names)
 
 
 # --------------------------------------------------------------------------- trees
@@ -107,7 +107,7 @@ def tree_to_json(tree: Any) -> Any:
 
 
 def build_branched(
-    recipe: Recipe, rundir: RunDir, tree: Any, init: str | None = None
+    recipe: Recipe, rundir: RunDir, tree: Any, init: str | None = None, variant: Any = None
 ) -> BranchedNet:
     """The network of ``tree``, initialised from the stage-1 single-task models.
 
@@ -117,9 +117,11 @@ def build_branched(
         tree: The tree (a :class:`branchnas.tree.Tree`; its task order is the network's).
         init: The init rule (default ``finetune.init``); see
             :meth:`branchnas.models.BranchedNet.from_single_task`.
+        variant: The :class:`branchnas.variants.Variant` that builds it (default: plain).
     """
-    from branchnas.models import BranchedNet, tree_chain
+    from branchnas.models import tree_chain
     from branchnas.stages.pretrain import load_single_task
+    from branchnas.variants import get_variant
 
     names = tree_chain(tree)[0]
     backbones, heads = {}, {}
@@ -127,8 +129,8 @@ def build_branched(
         backbones[name], heads[name] = load_single_task(recipe, rundir, name)
     init = init or recipe.finetune.init
     affinity = _affinity(rundir, names) if init in ("central", "outlier") else None
-    return BranchedNet.from_single_task(tree, backbones, heads, init=init, tasks=names,
-                                        affinity=affinity, seed=recipe.seed)
+    variant = variant or get_variant("plain", recipe)
+    return variant.build(tree, backbones, heads, init=init, tasks=names, affinity=affinity, seed=recipe.seed)
 
 
 def _affinity(rundir: RunDir, names: Sequence[str]) -> Any:
@@ -141,12 +143,15 @@ def _affinity(rundir: RunDir, names: Sequence[str]) -> Any:
     return affinity[:, order][:, :, order]
 
 
-def _checkpoint(net: BranchedNet, tree: Any, tasks: Sequence[Task], data: Any, recipe: Recipe) -> dict[str, Any]:
+def _checkpoint(net: BranchedNet, tree: Any, tasks: Sequence[Task], data: Any, recipe: Recipe,
+                variant: Any) -> dict[str, Any]:
     from branchnas import __version__
 
     return {
         "format": MODEL_FORMAT,
         "branchnas_version": __version__,
+        "variant": variant.name,
+        **variant.checkpoint(net),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "partitions": net.partitions(),
         "tree": tree_to_json(tree),
@@ -173,9 +178,9 @@ def rebuild(checkpoint: Mapping[str, Any]) -> BranchedNet:
     """
     from branchnas.backbones import build_backbone
     from branchnas.heads import build_head
-    from branchnas.models import BranchedNet
     from branchnas.recipe import BackboneConfig
     from branchnas.tasks import Task
+    from branchnas.variants import variant_class
 
     if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != MODEL_FORMAT:
         found = checkpoint.get("format") if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
@@ -187,8 +192,9 @@ def rebuild(checkpoint: Mapping[str, Any]) -> BranchedNet:
     backbone = build_backbone(cfg, checkpoint["in_channels"], size)
     tasks = [Task(**fields) for fields in checkpoint["tasks"]]
     heads = {t.name: build_head(t, backbone.out_channels, backbone.reduction, size) for t in tasks}
-    net = BranchedNet(checkpoint["partitions"], backbone, heads, tasks=[t.name for t in tasks])
-    net.load_state_dict(checkpoint["state_dict"])
+    # Files from before the variants were written by the plain one.
+    variant = variant_class(checkpoint.get("variant", "plain"))
+    net = variant.rebuild(checkpoint, checkpoint["partitions"], backbone, heads, [t.name for t in tasks])
     return net.eval()
 
 
@@ -256,6 +262,8 @@ def finetune_tree(
     desc: str,
     *,
     splits: tuple[Mapping[str, Any], Sequence[Task]] | None = None,
+    variant: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Build, fine-tune, evaluate and measure the network of ``tree``; write it to ``out_dir``.
 
@@ -272,6 +280,9 @@ def finetune_tree(
         out_dir: Where to write.
         desc: The progress-bar label.
         splits: ``load_splits(recipe)`` when the caller already has it (several trees).
+        variant: The fine-tuning variant (default ``finetune.variant``; see
+            :mod:`branchnas.variants`).
+        callbacks: Per-epoch callbacks of the trainer (see :class:`branchnas.training.Trainer`).
 
     Returns:
         The report (also in ``out_dir/report.json``).
@@ -279,9 +290,11 @@ def finetune_tree(
     from branchnas.data import load_splits
     from branchnas.tasks import delta_mtl
     from branchnas.training import Trainer, evaluate
+    from branchnas.variants import get_variant
     from branchnas.weighting import get_weighting
 
-    check_variant(recipe)
+    check_variant(recipe, variant)
+    variant_obj = get_variant(variant or recipe.finetune.variant, recipe)
     out_dir = Path(out_dir)
     report_path, model_path = out_dir / "report.json", out_dir / "model.pt"
     if report_path.exists() and model_path.exists():
@@ -290,7 +303,7 @@ def finetune_tree(
     splits, tasks = splits if splits is not None else load_splits(recipe)
     baseline_test = single_task_metrics(rundir, "test")
     baseline_val = single_task_metrics(rundir, "val")
-    net = build_branched(recipe, rundir, tree)
+    net = build_branched(recipe, rundir, tree, variant=variant_obj)
     weighting = get_weighting(recipe.finetune.weighting, tasks, seed=recipe.seed)
     cfg = recipe.finetune
     trainer = Trainer(
@@ -298,8 +311,12 @@ def finetune_tree(
         checkpoint=out_dir / "ckpt", weighting=weighting, augment=recipe.data.augment, desc=desc,
         objective=build_objective(recipe, rundir, net, tasks),
         reference=baseline_val if cfg.select == "best" else None, keep_best=cfg.select == "best",
+        variant=variant_obj, callbacks=callbacks,
     )
     history = trainer.fit(splits["train"], splits["val"])
+    trained = net
+    # The static network (pruned, for the gated variant) is what is evaluated, costed and saved.
+    net = variant_obj.finalise(trained)
     batch = recipe.data.batch_size
     val = evaluate(net, tasks, splits["val"], batch)
     test = evaluate(net, tasks, splits["test"], batch)
@@ -307,6 +324,7 @@ def finetune_tree(
     data = splits["train"]
     cost = model_cost(net, data.in_channels, data.image_size)
     report = {
+        "variant": variant_obj.name,
         "tree": tree_to_json(tree),
         "partitions": net.partitions(),
         "tasks": [_task_fields(t) | {"metric": t.primary_metric,
@@ -332,10 +350,29 @@ def finetune_tree(
         "weights_from_epoch": (history.get("best_epoch") if cfg.patience > 0 or cfg.select == "best"
                                else history.get("epochs")),
         "training": history,
+        "budget": _budget_check(rundir, cost),
+        **variant_obj.report(trained.cpu(), net),
     }
-    atomic_torch_save(_checkpoint(net, tree, tasks, data, recipe), model_path)
+    if "gates" in report:
+        from branchnas.variants.present import plot_gates
+
+        plot_gates(report["gates"]["openness"], [t.name for t in tasks], out_dir / "gates.png")
+    atomic_torch_save(_checkpoint(net, tree, tasks, data, recipe, variant_obj), model_path)
     atomic_write_json(report_path, report)
     return report
+
+
+def _budget_check(rundir: RunDir, cost: Mapping[str, int]) -> dict[str, Any] | None:
+    """The search's budget against the finished network's measured size (``None``: no search)."""
+    from branchnas.stages.search import read_result
+
+    try:
+        result, _ = read_result(rundir)
+    except UserError:
+        return None
+    metric, limit = result.metric, result.budget
+    size = int(cost[metric])
+    return {"metric": metric, "limit": limit, "size": size, "within": limit is None or size <= limit}
 
 
 def single_task_losses(rundir: RunDir, names: Sequence[str]) -> dict[str, float]:
@@ -405,7 +442,20 @@ def report_table(report: Mapping[str, Any]) -> str:
         f"params {format_count(report['params'])}   FLOPs {format_count(report['flops'])} (fvcore, per image)   "
         f"Δ_MTL {format_delta(report['delta_mtl'])} (test)"
     )
-    return f"{table}\n{footer}"
+    lines = [table, footer]
+    budget = report.get("budget")
+    if budget and budget.get("limit") is not None:
+        verdict = "within" if budget["within"] else "OVER"
+        lines.append(f"{verdict} the budget: {format_count(budget['size'])} of {format_count(budget['limit'])} "
+                     f"{budget['metric']}")
+    if "gates" in report:
+        from branchnas.variants.present import gate_table
+
+        gates = report["gates"]
+        lines += ["", f"gated variant (λ_s {gates['sparsity']:g}); pruned from "
+                      f"{format_count(gates['params_before_pruning'])} params:",
+                  gate_table(gates["openness"], [t["name"] for t in report["tasks"]])]
+    return "\n".join(lines)
 
 
 def _fmt(value: float) -> str:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,19 @@ class SearchConfig:
 
 
 @dataclass
+class GatedConfig:
+    """``[finetune.gated]``: the GatedMTL variant's gates (``finetune.variant = "gated"``)."""
+
+    sparsity: float = field(default=0.05, metadata=_spec("λ_s, the weight of the hinge sparsity loss on the gates", min=0.0))
+    targets: float | dict[str, float] = field(default=0.25, metadata=_spec(
+        "τ_t, the hinge target (share of a task's gates left open without penalty): one value for every "
+        "task, or a table { task = value }", min=0.0, max=1.0))
+    lr: float = field(default=0.1, metadata=_spec("learning rate of the gates' own SGD (α and β)", min=0.0))
+    init: float = field(default=1.0, metadata=_spec(
+        "initial gate logit α: > 0 starts every task on its own single-task features, < 0 on the shared ones"))
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     """The ``[finetune]`` section: the branched network's multi-task fine-tuning (stage 4)."""
 
@@ -161,6 +175,9 @@ class FinetuneConfig(TrainConfig):
     balance: str = field(default="none", metadata=_choices("none", "single_task", doc="scale each task's loss by 1 / its single-task model's final training loss"))
     select: str = field(default="last", metadata=_choices("last", "best", doc="keep the last epoch, or the one with the best validation Δ_MTL"))
     compare_random: int = field(default=0, metadata=_spec("random trees of similar size in `branchnas compare`", min=0))
+    compare_variants: list[str] = field(default_factory=lambda: ["plain", "gated"], metadata=_spec(
+        "fine-tuning variants that `branchnas compare` trains on the chosen tree, one row each"))
+    gated: GatedConfig = field(default_factory=GatedConfig)
 
 
 @dataclass
@@ -181,6 +198,7 @@ class ExportConfig:
     output: str = field(default="", metadata=_spec("output file; empty = <run dir>/export/model.pt"))
     check: bool = field(default=True, metadata=_spec("reload in a clean process and compare with eager outputs"))
     atol: float = field(default=1e-5, metadata=_spec("largest allowed absolute difference in the check", min=0.0))
+    over_budget: bool = field(default=False, metadata=_spec("export a fine-tuned network that is over the search budget"))
 
 
 @dataclass
@@ -265,6 +283,21 @@ def _coerce(path: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any
     elif origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{path}: expected a table; got {_describe(value)}")
+        args = typing.get_args(annotation)
+        if args and args[1] in _TYPE_WORDS:
+            value = {str(k): _coerce(f"{path}.{k}", v, args[1], meta) for k, v in value.items()}
+    elif origin in (typing.Union, types.UnionType):
+        # A scalar or a table of scalars (``targets = 0.25`` or ``targets = { depth = 0.5 }``).
+        scalar, table = typing.get_args(annotation)
+        if isinstance(value, dict):
+            return _coerce(path, value, table, meta)
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise RecipeError(f"{path}: expected {_TYPE_WORDS[scalar]} or a table {{ task = value }}; "
+                              f"got {_describe(value)}")
+        if isinstance(value, str) and scalar is not str:
+            raise RecipeError(f"{path}: expected {_TYPE_WORDS[scalar]} or a table {{ task = value }}; "
+                              f"got {_describe(value)}")
+        return _coerce(path, value, scalar, meta)
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported recipe field type {annotation!r} at {path}")
     if "choices" in meta and value not in meta["choices"]:
@@ -275,6 +308,8 @@ def _coerce(path: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any
         )
     if "min" in meta and isinstance(value, int | float) and value < meta["min"]:
         raise RecipeError(f"{path}: expected a value >= {meta['min']}; got {_describe(value)}")
+    if "max" in meta and isinstance(value, int | float) and value > meta["max"]:
+        raise RecipeError(f"{path}: expected a value <= {meta['max']}; got {_describe(value)}")
     return value
 
 
@@ -501,6 +536,22 @@ def recipe_to_toml(recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _doc_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) of a section's fields; a nested table's keys as ``table.key``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for sub in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[sub.name]):
+            rows += _doc_rows(hints[sub.name], f"{prefix}{sub.name}.")
+            continue
+        default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
+        doc = sub.metadata.get("doc", "")
+        if "choices" in sub.metadata:
+            doc = (doc + "; " if doc else "") + "one of " + ", ".join(c for c in sub.metadata["choices"] if c)
+        rows.append((prefix + sub.name, _toml_value(default), doc))
+    return rows
+
+
 def section_docs() -> dict[str, list[tuple[str, str, str]]]:
     """(key, default, doc) per section, for the recipe reference in docs/."""
     out: dict[str, list[tuple[str, str, str]]] = {}
@@ -509,14 +560,7 @@ def section_docs() -> dict[str, list[tuple[str, str, str]]]:
     for f in dataclasses.fields(Recipe):
         ann = hints[f.name]
         if dataclasses.is_dataclass(ann):
-            rows = []
-            for sub in dataclasses.fields(ann):
-                default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
-                doc = sub.metadata.get("doc", "")
-                if "choices" in sub.metadata:
-                    doc = (doc + "; " if doc else "") + "one of " + ", ".join(c for c in sub.metadata["choices"] if c)
-                rows.append((sub.name, _toml_value(default), doc))
-            out[f.name] = rows
+            out[f.name] = _doc_rows(ann)
         elif f.name == "tasks":
             rows = []
             for sub in dataclasses.fields(TaskConfig):

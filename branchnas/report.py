@@ -83,7 +83,7 @@ def plot_delta_vs_params(models: Sequence[Mapping[str, Any]], path: str | Path) 
     from matplotlib.figure import Figure
 
     colours = {"single-task": "#55a868", "all-shared": "#8172b2", "chosen": "#c44e52",
-               "ranked": "#dd8452", "random": "#8c8c8c"}
+               "ranked": "#dd8452", "random": "#8c8c8c", "variant": "#da8bc3"}
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     seen = set()
@@ -160,6 +160,33 @@ def _finetune_report(rundir: RunDir) -> dict[str, Any] | None:
     return read_report(rundir)
 
 
+def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
+    """The budget check and, for the gated variant, how much each task specialised."""
+    out = []
+    budget = finetune.get("budget") or {}
+    if budget.get("limit") is not None:
+        verdict = "fits" if budget["within"] else "**does not fit**"
+        out += [f"The finished network {verdict} the budget: {format_count(budget['size'])} of "
+                f"{format_count(budget['limit'])} {budget['metric']} (fvcore, measured on the network itself)."
+                + ("" if budget["within"] else " `branchnas export` refuses it; raise finetune.gated.sparsity "
+                   "or lower finetune.gated.targets, or run `branchnas tune`."), ""]
+    gates = finetune.get("gates")
+    if gates:
+        from branchnas.variants.present import gate_table
+
+        tasks = [t["name"] for t in finetune["tasks"]]
+        out += ["### Gates (GatedMTL variant)", "",
+                "In every block that several tasks share, each task had its own copy too, and per-channel "
+                "gates chose between its own features and the shared ones (hinge sparsity weight "
+                f"λ_s = {gates['sparsity']:g}, targets τ = {gates['targets']}). After training the closed "
+                f"channels were pruned: {format_count(gates['params_before_pruning'])} → "
+                f"{format_count(finetune['params'])} params. The share of each shared node's channels that a "
+                "task computes itself:", "", "```", gate_table(gates["openness"], tasks), "```", ""]
+        if (rundir.path / "finetune" / "gates.png").exists():
+            out += ["![gate openness](finetune/gates.png)", ""]
+    return out
+
+
 def write_report(rundir: RunDir) -> Path:
     """Write ``report.md`` (and ``delta_vs_params.png``) from the run directory's artifacts.
 
@@ -234,7 +261,8 @@ def write_report(rundir: RunDir) -> Path:
     if finetune:
         out += ["## 4. Fine-tuned branched network", "",
                 f"Initialised from the single-task models and fine-tuned on all tasks "
-                f"(loss weighting: {finetune.get('weighting', 'uniform')}). Test metrics:", ""]
+                f"(variant: {finetune.get('variant', 'plain')}, loss weighting: {finetune.get('weighting', 'uniform')}). "
+                "Test metrics:", ""]
         rows = []
         for task in finetune["tasks"]:
             t, metric = task["name"], task["metric"]
@@ -245,6 +273,7 @@ def write_report(rundir: RunDir) -> Path:
                 f"**Δ_MTL = {format_delta(finetune['delta_mtl'])}** on test (mean relative change of each task's "
                 f"primary metric, signed so that positive is better) with {format_count(finetune['params'])} "
                 f"params and {format_count(finetune['flops'])} FLOPs.", ""]
+        out += _variant_section(rundir, finetune)
         models = _models(rundir, finetune, extremes)
         if models:
             plot_delta_vs_params(models, root / "delta_vs_params.png")

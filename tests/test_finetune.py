@@ -73,8 +73,8 @@ def test_stage_config_leaves_out_compare_only_keys_and_the_device():
 
 
 def test_other_variants_are_not_available_yet(tmp_path):
-    recipe = load_recipe(None, [f"out={json.dumps(str(tmp_path))}", "finetune.variant=gated"])
-    with pytest.raises(NotAvailableYet, match="finetune.variant 'gated'"):
+    recipe = load_recipe(None, [f"out={json.dumps(str(tmp_path))}", "finetune.variant=fused"])
+    with pytest.raises(NotAvailableYet, match="finetune.variant 'fused'"):
         run_stages(recipe, ["finetune"])
 
 

@@ -276,7 +276,8 @@ class BranchedNet(nn.Module):
     def shared_tasks(self) -> list[str]:
         """Tasks that share at least one block with another task (the stem, shared by all,
         is not counted); the others run a network of their own."""
-        return [t for t in self.task_names if any(len(self.node_groups[n]) > 1 for n in self.task_path(t))]
+        return [t for t in self.task_names
+                if any(t in group and len(group) > 1 for group in self.node_groups.values())]
 
     @torch.jit.unused
     def task_path(self, task: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""``compare`` (optional): single-task, all-shared, chosen, runner-up and random trees side by side.
+"""``compare`` (optional): single-task, all-shared, chosen, runner-up and random trees side by side,
+and the chosen tree under every fine-tuning variant of ``finetune.compare_variants``.
 
 The work is :func:`branchnas.compare.compare_trees`. Keyed, like fine-tuning, on the trees
 it trains (the ranked trees of the search), not on how the search was called.
@@ -37,7 +38,8 @@ class CompareStage(Stage):
         return ("pretrain", "finetune")
 
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-        return get_stage("finetune").config(recipe, options) | {"compare_random": recipe.finetune.compare_random}
+        return get_stage("finetune").config(recipe, options) | {"compare_random": recipe.finetune.compare_random,
+                                                                "compare_variants": recipe.finetune.compare_variants}
 
     def fingerprint_extra(self, recipe: Any, rundir: Any, options: Mapping[str, Any]) -> dict[str, Any]:
         from branchnas.finetune import tree_to_json
@@ -46,7 +48,11 @@ class CompareStage(Stage):
         return {"ranked": [tree_to_json(t) for t in read_ranked(rundir)]}
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
+        from branchnas.finetune import check_variant
+
         get_stage("finetune").check(recipe, options)
+        for variant in recipe.finetune.compare_variants:
+            check_variant(recipe, variant)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from branchnas.compare import compare_trees, comparison_markdown

@@ -79,6 +79,20 @@ def _check_target(path: Path) -> None:
         raise UserError(f"export output {str(path)!r}: {str(probe)!r} is not a folder")
 
 
+def _check_budget(recipe: Any, rundir: Any) -> None:
+    """A fine-tuned network over the search budget (a gated one can grow) is not exported silently."""
+    from branchnas.budget import format_count
+    from branchnas.stages.finetune import read_report
+
+    budget = read_report(rundir).get("budget") or {}
+    if budget.get("within") is False and not recipe.export.over_budget:
+        raise UserError(
+            f"the fine-tuned network has {format_count(budget['size'])} {budget['metric']}, over the budget of "
+            f"{format_count(budget['limit'])}; raise finetune.gated.sparsity or lower finetune.gated.targets and "
+            "fine-tune again, or export it anyway with --set export.over_budget=true"
+        )
+
+
 def export_to(recipe: Any, rundir: Any, path: str | Path, fmt: str | None = None) -> dict[str, Any]:
     """Export stage 4's network to ``path`` (checked, atomic); nothing else is touched.
 
@@ -94,6 +108,7 @@ def export_to(recipe: Any, rundir: Any, path: str | Path, fmt: str | None = None
     check_export(recipe, fmt)
     path = Path(path)
     _check_target(path)
+    _check_budget(recipe, rundir)
     net = load_finetuned(rundir)
     metadata = build_metadata(net, load_checkpoint_info(model_path(rundir)))
     return export_model(net, path.resolve(), metadata, format=fmt, check=recipe.export.check, atol=recipe.export.atol)

@@ -6,7 +6,8 @@ exploring budgets or affinity files with ``branchnas search`` never discards a f
 network whose tree is unchanged.
 
 Artifacts in ``finetune/``: ``model.pt`` (weights plus everything needed to rebuild the
-network without the data) and ``report.json`` (per-task metrics, baselines, Δ_MTL, size).
+network without the data), ``report.json`` (per-task metrics, baselines, Δ_MTL, size, the
+budget check) and, for the gated variant, ``gates.png``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from branchnas.stages._base import Artifact, Stage, StageContext, get_stage, reg
 
 __all__ = ["FinetuneStage", "read_report", "load_finetuned", "model_path"]
 
-#: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_random`` is read
+#: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_*`` are read
 #: only by ``branchnas compare``, ``device`` says where it runs (as in stage 1).
-NOT_FINGERPRINTED = ("compare_random", "device")
+NOT_FINGERPRINTED = ("compare_random", "compare_variants", "device")
 
 
 @register_stage
@@ -32,7 +33,8 @@ class FinetuneStage(Stage):
     requires = ("pretrain", "search")
     artifacts = (
         Artifact("model.pt", "the fine-tuned network: weights, tree, tasks, preprocessing"),
-        Artifact("report.json", "per-task val/test metrics, single-task baselines, Δ_MTL, params, FLOPs"),
+        Artifact("report.json", "per-task val/test metrics, single-task baselines, Δ_MTL, params, FLOPs, budget check"),
+        Artifact("gates.png", "gated variant: heatmap of each task's task-specific channels per shared node"),
     )
 
     def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -74,8 +76,10 @@ class FinetuneStage(Stage):
         from branchnas.stages.search import read_tree
 
         report = finetune_tree(ctx.recipe, ctx.rundir, read_tree(ctx.rundir), ctx.folder, desc="finetune")
-        return {"outputs": ["model.pt", "report.json"], "delta_mtl": report["delta_mtl"],
-                "params": report["params"], "flops": report["flops"]}
+        outputs = ["model.pt", "report.json"] + (["gates.png"] if "gates" in report else [])
+        return {"outputs": outputs, "delta_mtl": report["delta_mtl"], "variant": report["variant"],
+                "params": report["params"], "flops": report["flops"],
+                "within_budget": (report.get("budget") or {}).get("within")}
 
 
 def model_path(rundir: Any) -> Path:

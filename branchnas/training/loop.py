@@ -90,6 +90,16 @@ class Trainer:
             scored against (the mean relative change of the primary metrics: Δ_MTL against the
             single-task models); default: the first validated epoch.
         keep_best: End with the weights of the best-scoring epoch, not the last one.
+        variant: One model only: the fine-tuning variant (:mod:`branchnas.variants`). Its
+            ``regulariser(model)`` is added to each step's loss (its gradient reaches only
+            the parameters it depends on, so every loss weighting stays as it is), its
+            ``optimizers(model)`` own their parameters and step on the same schedule (each
+            group's ``base_lr`` times the schedule's factor), and its ``state_dict`` is
+            saved in the checkpoints.
+        callbacks: Called after each validated epoch (once its checkpoint is written) with
+            ``{"epoch" (1-based), "val", "score", "history"}``; ``score`` is what the best
+            epoch is chosen by (Δ_MTL against ``reference`` when given). An exception
+            raised there stops training (tuning prunes trials this way).
 
     Raises:
         UserError: a bad device, optimizer or concurrent mode.
@@ -114,6 +124,8 @@ class Trainer:
         objective: Any = None,
         reference: Mapping[str, Mapping[str, float]] | None = None,
         keep_best: bool = False,
+        variant: Any = None,
+        callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     ) -> None:
         from branchnas.weighting import Uniform
 
@@ -131,6 +143,8 @@ class Trainer:
         self.on_step = on_step
         self.objective = objective
         self.keep_best = bool(keep_best)
+        self.variant = variant
+        self.callbacks = list(callbacks)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.device = resolve_device(cfg.device, f"{self.section}.device")
         self.channels_last = self.device.type == "cuda"
@@ -162,7 +176,10 @@ class Trainer:
                 module.to(memory_format=torch.channels_last)
             if hasattr(member_weighting, "to"):
                 member_weighting.to(self.device)
-            self.members.append(_Member(name, module, member_tasks, member_weighting, cfg, self.seed, self.device))
+            self.members.append(_Member(name, module, member_tasks, member_weighting, cfg, self.seed, self.device,
+                                        variant=variant))
+        if variant is not None and not self.single:
+            raise ValueError("variant: one model only (fine-tuning)")
         if objective is not None:
             if not self.single:
                 raise ValueError("objective: one model only (fine-tuning)")
@@ -270,6 +287,7 @@ class Trainer:
             m.model.train()
             m.weighting.start_epoch(epoch, [h["train_loss"] for h in m.history])
             m.epoch_loss_sums = {t.name: 0.0 for t in m.tasks}
+            m.epoch_regulariser = 0.0
         stack = _Stack(group, self.cfg) if self.concurrent == "stacked" and not _stackable(group) else None
         images_seen = 0
         batches = 0
@@ -309,13 +327,17 @@ class Trainer:
                 "images_per_s": round(images_seen / max(train_seconds, 1e-9), 1),
                 "weights": weights.get(m.name, {}),
             }
+            if m.variant is not None:
+                entry["regulariser"] = m.epoch_regulariser / max(batches, 1)
             m.history.append(entry)
-            if metrics is not None:
-                self._track_best(m, metrics[i], epoch)
+            score = self._track_best(m, metrics[i], epoch) if metrics is not None else None
             self._save(m)
+            if metrics is not None:
+                for callback in self.callbacks:
+                    callback({"epoch": epoch + 1, "val": metrics[i], "score": score, "history": m.history})
         bar.set_postfix_str(self._postfix(group, epoch, images_seen / max(train_seconds, 1e-9)), refresh=True)
 
-    def _track_best(self, m: _Member, metrics: dict[str, dict[str, float]], epoch: int) -> None:
+    def _track_best(self, m: _Member, metrics: dict[str, dict[str, float]], epoch: int) -> float:
         if m.reference is None:
             m.reference = metrics
         score = _score(m.tasks, metrics, m.reference)
@@ -330,6 +352,7 @@ class Trainer:
             # This model is done: it keeps its best weights while the others go on.
             m.stopped = True
             m.restore_best()
+        return score
 
     def _postfix(self, group: list[_Member], epoch: int, images_per_s: float) -> str:
         losses = [v for m in group for v in m.last_losses.values()]
@@ -362,6 +385,8 @@ class Trainer:
         for m in group:
             with m.rng():
                 m.optimizer.zero_grad(set_to_none=True)
+                for opt in m.owned:
+                    opt.zero_grad(set_to_none=True)
                 features = None
                 with _autocast(self.device):
                     if self.objective is not None and self.objective.wants_features:
@@ -372,14 +397,25 @@ class Trainer:
                 if self.objective is not None:
                     losses = self.objective(images, outputs, losses, targets, features)
                 weights[m.name] = m.weighting.backward(losses, m.shared)
+                if m.variant is not None:
+                    regulariser = m.variant.regulariser(m.model)
+                    if regulariser is not None:
+                        if regulariser.requires_grad:
+                            regulariser.backward()
+                        m.epoch_regulariser += float(regulariser.detach())
             all_losses.append(losses)
         self._check_finite(group, all_losses, epoch, index)
         for m in group:
+            factor = lr_factor(m.step, self.total_steps, self.warmup_steps, self.cfg.schedule)
             if self.cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(m.params, self.cfg.grad_clip)
             for g in m.optimizer.param_groups:
                 g["lr"] = lr
             m.optimizer.step()
+            for opt in m.owned:
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                opt.step()
             m.step += 1
         return weights
 

@@ -62,16 +62,21 @@ class _Member:
     """One independently trained model and everything that belongs to it alone."""
 
     def __init__(self, name: str, model: nn.Module, tasks: list[Any], weighting: Any,
-                 cfg: Any, seed: int, device: torch.device) -> None:
+                 cfg: Any, seed: int, device: torch.device, variant: Any = None) -> None:
         self.name = name
         self.model = model
         self.tasks = tasks
         self.weighting = weighting
         self.seed = seed
         self.device = device
+        # The fine-tuning variant (gated, ...) may own parameters with optimizers of its own
+        # (the gates); the recipe's optimizer takes every other parameter.
+        self.variant = variant
+        self.owned = list(variant.optimizers(model)) if variant is not None else []
+        owned = {id(p) for opt in self.owned for group in opt.param_groups for p in group["params"]}
         shared = model.shared_parameters() if hasattr(model, "shared_parameters") else model.parameters()
-        self.shared = list(shared)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shared = [p for p in shared if id(p) not in owned]
+        self.params = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
         self.extra = [p for p in weighting.parameters() if p.requires_grad]
         self.optimizer = _make_optimizer(cfg, self.params, self.extra)
         self.step = 0
@@ -88,6 +93,7 @@ class _Member:
         self.rng_cuda: Tensor | None = None
         self.last_losses: dict[str, float] = {}
         self.epoch_loss_sums: dict[str, float] = {}
+        self.epoch_regulariser = 0.0
 
     @contextlib.contextmanager
     def rng(self) -> Iterator[None]:
@@ -128,6 +134,8 @@ class _Member:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": {"step": self.step},
             "weighting": self.weighting.state_dict() if hasattr(self.weighting, "state_dict") else {},
+            "owned_optimizers": [opt.state_dict() for opt in self.owned],
+            "variant": self.variant.state_dict() if self.variant is not None else {},
             "rng": {"cpu": self.rng_cpu, "cuda": self.rng_cuda},
             "history": self.history,
             "best": self.best,
@@ -141,6 +149,10 @@ class _Member:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("weighting") and hasattr(self.weighting, "load_state_dict"):
             self.weighting.load_state_dict(state["weighting"])
+        for opt, saved in zip(self.owned, state.get("owned_optimizers", []), strict=False):
+            opt.load_state_dict(saved)
+        if self.variant is not None and state.get("variant"):
+            self.variant.load_state_dict(state["variant"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.rng_cpu = state["rng"]["cpu"]
