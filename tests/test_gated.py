@@ -43,8 +43,9 @@ def _randomise(net, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, _, layer in net.gated_layers():
-            layer.alpha.copy_(torch.randn(layer.alpha.shape, generator=g) * 2)
-            layer.beta.copy_(torch.randn(layer.beta.shape, generator=g))
+            for alpha, beta in zip(layer.alphas, layer.betas, strict=True):
+                alpha.copy_(torch.randn(alpha.shape, generator=g) * 2)
+                beta.copy_(torch.randn(beta.shape, generator=g))
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
@@ -79,9 +80,10 @@ def test_hinge_sparsity_loss_matches_a_hand_computation():
     per_task = {t: [] for t in TASKS}
     with torch.no_grad():
         for name, _, layer in net.gated_layers():
-            layer.alpha.copy_(torch.randn(layer.alpha.shape, generator=g))
-            for i, task in enumerate(net.node_groups[name]):
-                per_task[task].append(layer.alpha[i].numpy().copy())
+            for alpha in layer.alphas:
+                alpha.copy_(torch.randn(alpha.shape, generator=g))
+                for i, task in enumerate(net.node_groups[name]):
+                    per_task[task].append(alpha[i].numpy().copy())
     targets = {"a": 0.1, "b": 0.9, "c": 0.4}
     terms = []
     for task, alphas in per_task.items():
@@ -93,13 +95,13 @@ def test_hinge_sparsity_loss_matches_a_hand_computation():
 
 
 def test_shared_input_mixes_the_tasks_by_a_softmax_over_tasks():
-    layer = GatedLayer(nn.Identity(), [nn.Identity(), nn.Identity()], out_channels=3, in_channels=3,
+    layer = GatedLayer(nn.Identity(), [nn.Identity(), nn.Identity()], channels=[3, 3],
                        identical_inputs=False, alpha_init=-5.0)  # every gate closed: output = ψ
     with torch.no_grad():
-        layer.beta.copy_(torch.tensor([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]]))
+        layer.betas[0].copy_(torch.tensor([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]]))
     xs = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)]
     out = layer(xs)
-    beta = layer.beta.detach().numpy()
+    beta = layer.betas[0].detach().numpy()
     w = np.exp(beta) / np.exp(beta).sum(axis=1, keepdims=True)  # C x T
     expected = sum(w[:, t].reshape(1, 3, 1, 1) * xs[t].numpy() for t in range(2))
     for o in out:
@@ -110,9 +112,9 @@ def test_shared_input_mixes_the_tasks_by_a_softmax_over_tasks():
 def test_open_gates_take_the_tasks_own_features_channel_by_channel():
     own = [nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 2, 1, bias=False)]
     shared = nn.Conv2d(2, 2, 1, bias=False)
-    layer = GatedLayer(shared, own, out_channels=2, in_channels=2, identical_inputs=True, alpha_init=0.0)
+    layer = GatedLayer(shared, own, channels=[2, 2], identical_inputs=True, alpha_init=0.0)
     with torch.no_grad():
-        layer.alpha.copy_(torch.tensor([[3.0, -3.0], [-3.0, -3.0]]))
+        layer.alphas[0].copy_(torch.tensor([[3.0, -3.0], [-3.0, -3.0]]))
     x = torch.randn(1, 2, 3, 3)
     out = layer([x, x])
     assert torch.equal(out[0][:, 0], own[0](x)[:, 0]) and torch.equal(out[0][:, 1], shared(x)[:, 1])
@@ -192,7 +194,8 @@ def test_the_pruned_network_computes_what_the_gated_one_does(tree, seed):
 def _gates_to(net, value):
     with torch.no_grad():
         for _, _, layer in net.gated_layers():
-            layer.alpha.fill_(value)
+            for alpha in layer.alphas:
+                alpha.fill_(value)
 
 
 def test_all_gates_closed_prunes_to_the_plain_network():
@@ -312,10 +315,11 @@ def test_trainer_steps_the_variants_gates_with_their_own_optimizer_and_regularis
     loss = loss + 0.5 * sparsity_loss(before, variant.targets(TASKS))
     loss.backward()
     for (_, _, new), (_, _, old) in zip(net.gated_layers(), before.gated_layers(), strict=True):
-        torch.testing.assert_close(new.alpha.detach(), old.alpha.detach() - 0.3 * old.alpha.grad, rtol=1e-5, atol=1e-7)
+        for a_new, a_old in zip(new.alphas, old.alphas, strict=True):
+            torch.testing.assert_close(a_new.detach(), a_old.detach() - 0.3 * a_old.grad, rtol=1e-5, atol=1e-7)
     # lr 0: every other parameter is where it was.
     for (name, p), q in zip(net.named_parameters(), before.parameters(), strict=True):
-        if not name.endswith(("alpha", "beta")):
+        if ".alphas." not in name and ".betas." not in name:
             assert torch.equal(p, q), name
 
 
@@ -370,7 +374,8 @@ def test_report_json_fields_of_the_gated_variant_are_plain_json():
     json.dumps(fields)
     assert set(fields["gates"]["openness"]) == {"b0_0_1_2", "b1_0_1"}
     decisions = gate_decisions(final)
-    assert [len(layer) for layer in decisions["b1_0_1"]] == [2, 2, 2]  # 3 layers x 2 tasks
+    # 3 residual layers, each gated after its two convs, for 2 tasks
+    assert [[len(unit) for unit in layer] for layer in decisions["b1_0_1"]] == [[2, 2]] * 3
 
 
 # --------------------------------------------------------------------------- the stage, end to end
@@ -493,3 +498,29 @@ def test_sigkill_mid_gated_finetune_resumes_to_the_same_network(gated_run, tmp_p
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     report = json.loads((dirs["killed"] / "gated" / "finetune" / "report.json").read_text())
     assert report["training"]["history"][0] == killed_at["history"][0]  # continued, not redone
+
+
+def test_a_task_pays_for_the_channels_it_opens_in_each_conv():
+    """Gates after both convs of a residual block: parameters counted by hand."""
+    from branchnas.models.gated import _prune_layer
+
+    torch.manual_seed(7)
+    blocks = [_cifar_block(8, 8, 1) for _ in range(3)]
+    layer = GatedLayer(blocks[0], blocks[1:], channels=[8, 8, 8], identical_inputs=True, alpha_init=-1.0)
+    with torch.no_grad():
+        layer.alphas[0][0, :3] = 1.0   # task 0 computes channels 0-2 of conv1 itself, task 1 none
+        layer.alphas[1][0, 0] = 1.0    # task 0 computes channel 0 of conv2 itself
+        layer.alphas[1][1, :] = 1.0    # task 1 computes all of conv2 itself
+    layer.eval()
+    pruned, identical, summary = _prune_layer(layer, True)
+    conv = 8 * 9  # one output channel of a 3x3 conv on 8 channels
+    expected = (8 * conv + 16) + (3 * conv + 6)      # conv1: shared (task 1 takes all), task 0's 3
+    expected += (7 * conv + 14) + (1 * conv + 2)     # conv2: shared (channels 1-7), task 0's 1
+    expected += 8 * conv + 16                        # conv2: task 1's whole copy
+    assert count_params(pruned) == expected
+    assert not identical and [u["open"] for u in summary] == [[3, 0], [1, 8]]
+    assert [u["shared_kept"] for u in summary] == [8, 7]
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        for a, b in zip(layer([x, x]), pruned.eval()([x, x]), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,13 +1,15 @@
 """GatedMTL on top of a tree (Bejnordi et al., GatedMTL, Sec. 3.1): learned per-channel sharing.
 
 In every node of the tree that two or more tasks share, each of the node's layers (each
-residual block of a stage, or the block itself when it is not a sequence of known layers)
-holds a *shared* copy ``Ψ`` and one *task* copy ``Φ_t`` per task of the node. For layer ``ℓ``
-with per-task inputs ``x_t``:
+residual block of a stage, or the block itself when it is not a sequence of layers) holds a
+*shared* copy ``Ψ`` and one *task* copy ``Φ_t`` per task of the node. A layer is cut into
+*units* at its gate points (:func:`gate_units`): after every conv + BatchNorm (+ ReLU) of a
+residual block, the last one after ``relu(· + shortcut(x))``; any other layer is one unit.
+For unit ``ℓ`` with per-task inputs ``x_t``:
 
 * the shared input mixes the tasks' inputs channel by channel (eq. 3),
   ``ψ_in = Σ_t softmax_t(β)[c, t] · x_t`` with ``β ∈ R^{C_in × T}`` (when all the tasks' inputs
-  are the same tensor, as after the stem, ``ψ_in`` is that tensor and there is no ``β``);
+  are the same tensor, as after the stem, ``ψ_in`` is that tensor and ``β`` is empty);
 * ``ψ = Ψ(ψ_in)`` and ``φ_t = Φ_t(x_t)``;
 * each task picks, channel by channel, its own feature or the shared one (eq. 2):
   ``φ'_t = G_t ⊙ φ_t + (1 − G_t) ⊙ ψ`` with the hard gate ``G_t = 1[σ(α_t) > 0.5]`` and a
@@ -17,10 +19,12 @@ Nodes of one task are plain blocks, as in :class:`~branchnas.models.BranchedNet`
 are trained with the hinge sparsity loss (eq. 4, :func:`sparsity_loss`).
 
 Because the gates do not depend on the input, :meth:`GatedNet.prune` turns the trained
-network into a static one with the same eval outputs: a task copy keeps only its open
-channels (:func:`branchnas.models.pruning.prune_outputs`), a shared copy only the channels
-some task still takes from it, the softmax of ``β`` becomes fixed mixing weights, and a copy
-with no channel left is dropped. The pruned network is what is costed, saved and exported.
+network into a static one with the same eval outputs: each unit of a task copy keeps only
+the conv rows (and BatchNorm, shortcut rows) of its open channels
+(:func:`branchnas.models.pruning.prune_outputs`), a shared unit only the channels some task
+still takes from it, the softmax of ``β`` becomes fixed mixing weights, and a unit with no
+channel left is dropped. So a task pays, conv by conv, for the channels it opens. The pruned
+network is what is costed, saved and exported.
 
 Every node module maps a list of per-task inputs (in the node's task order) to a list of
 per-task outputs, so the forward pass, gated or pruned, is one loop that TorchScript compiles.
@@ -66,6 +70,27 @@ def gate_layers(block: nn.Module) -> list[nn.Module]:
     return [block]
 
 
+def gate_units(layer: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """A layer cut at its gate points: ``(units, shortcut)``.
+
+    A residual block (branchnas's CIFAR block, torchvision's ``BasicBlock`` and ``Bottleneck``)
+    is cut after each conv + BatchNorm (+ ReLU), so that every conv has gates and a task that
+    opens a few channels pays for those channels only; its last unit is followed by
+    ``relu(· + shortcut(x))``. Any other layer is one unit with no shortcut. The units hold the
+    layer's own modules (not copies).
+    """
+    name = type(layer).__name__
+    if name in ("_CifarBasicBlock", "BasicBlock") and hasattr(layer, "conv2"):
+        shortcut = layer.shortcut if name == "_CifarBasicBlock" else layer.downsample
+        return ([nn.Sequential(layer.conv1, layer.bn1, nn.ReLU()), nn.Sequential(layer.conv2, layer.bn2)],
+                shortcut if shortcut is not None else nn.Identity())
+    if name == "Bottleneck" and hasattr(layer, "conv3"):
+        return ([nn.Sequential(layer.conv1, layer.bn1, nn.ReLU()), nn.Sequential(layer.conv2, layer.bn2, nn.ReLU()),
+                 nn.Sequential(layer.conv3, layer.bn3)],
+                layer.downsample if layer.downsample is not None else nn.Identity())
+    return [layer], None
+
+
 class SoloNode(nn.Module):
     """A node of one task: the plain block, on the list-in, list-out node interface."""
 
@@ -78,31 +103,62 @@ class SoloNode(nn.Module):
 
 
 class GatedLayer(nn.Module):
-    """One gated layer: shared copy, task copies, gate logits ``α`` (T × C), mixing ``β`` (C_in × T)."""
+    """One gated layer: a shared copy and one copy per task, with gates after every unit.
 
-    def __init__(self, shared: nn.Module, copies: Sequence[nn.Module], out_channels: int, in_channels: int,
+    Args:
+        shared: The shared copy of the layer.
+        copies: One copy per task (in the node's task order).
+        channels: ``[input channels, output channels of each unit]`` (see :func:`gate_units`).
+        identical_inputs: Every task's input is the same tensor (no mixing at the first unit).
+        alpha_init: Initial gate logit.
+
+    Attributes:
+        alphas: Per unit, the gate logits ``α`` (T × C_unit).
+        betas: Per unit, the mixing logits ``β`` (C_in × T) of the shared copy's input
+            (``0 × T`` for the first unit when the inputs are identical).
+    """
+
+    def __init__(self, shared: nn.Module, copies: Sequence[nn.Module], channels: Sequence[int],
                  identical_inputs: bool, alpha_init: float) -> None:
         super().__init__()
         self.shared = shared
         self.copies = nn.ModuleList(copies)
         self.identical_inputs = identical_inputs
-        self.alpha = nn.Parameter(torch.full((len(copies), out_channels), float(alpha_init)))
-        # β is created even when unused (shape 0) so every layer has the same parameter names.
-        self.beta = nn.Parameter(torch.zeros(0 if identical_inputs else in_channels, len(copies)))
+        # Views of the layers' own modules (plain lists: not registered twice).
+        self._shared_units, self._shared_shortcut = gate_units(shared)
+        cut = [gate_units(c) for c in copies]
+        self._copy_units = [u for u, _ in cut]
+        self._copy_shortcuts = [sc for _, sc in cut]
+        self.residual = self._shared_shortcut is not None
+        tasks = len(copies)
+        if len(channels) != len(self._shared_units) + 1:
+            raise ValueError(f"GatedLayer: {len(self._shared_units)} units need {len(self._shared_units) + 1} channel counts")
+        self.alphas = nn.ParameterList(
+            [nn.Parameter(torch.full((tasks, c), float(alpha_init))) for c in channels[1:]])
+        self.betas = nn.ParameterList(
+            [nn.Parameter(torch.zeros(0 if (k == 0 and identical_inputs) else channels[k], tasks))
+             for k in range(len(channels) - 1)])
 
-    def mixing_weights(self) -> Tensor:
-        """``softmax_t(β)`` as ``T × C_in`` (rows sum over tasks to 1)."""
-        return torch.softmax(self.beta, dim=1).t()
+    def mixing_weights(self, unit: int) -> Tensor:
+        """``softmax_t(β)`` of ``unit`` as ``T × C_in`` (each channel's weights sum to 1)."""
+        return torch.softmax(self.betas[unit], dim=1).t()
 
     def forward(self, xs: list[Tensor]) -> list[Tensor]:
-        shared_in = xs[0] if self.identical_inputs else mix_inputs(self.mixing_weights(), xs)
-        psi = self.shared(shared_in)
-        gates = hard_gate(self.alpha).to(psi.dtype)
-        outs = []
-        for t, layer in enumerate(self.copies):
-            g = gates[t].view(1, -1, 1, 1)
-            outs.append(g * layer(xs[t]) + (1 - g) * psi)
-        return outs
+        first = xs[0] if self.identical_inputs else mix_inputs(self.mixing_weights(0), xs)
+        h, shared_in = xs, first
+        last = len(self._shared_units) - 1
+        for k, unit in enumerate(self._shared_units):
+            if k > 0:
+                shared_in = mix_inputs(self.mixing_weights(k), h)
+            psi = unit(shared_in)
+            phis = [self._copy_units[t][k](h[t]) for t in range(len(h))]
+            if k == last and self.residual:
+                psi = torch.relu(psi + self._shared_shortcut(first))
+                phis = [torch.relu(phi + self._copy_shortcuts[t](xs[t])) for t, phi in enumerate(phis)]
+            gates = hard_gate(self.alphas[k]).to(psi.dtype)
+            h = [gates[t].view(1, -1, 1, 1) * phi + (1 - gates[t].view(1, -1, 1, 1)) * psi
+                 for t, phi in enumerate(phis)]
+        return h
 
 
 class GatedNode(nn.Module):
@@ -118,24 +174,47 @@ class GatedNode(nn.Module):
         return xs
 
 
+class _Unit(nn.Module):
+    """A pruned unit on the two-input interface ``(input, layer input)``: ``module(input)``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.module(x)
+
+
+class _Tail(nn.Module):
+    """A pruned last unit of a residual layer: ``relu(body(input) + shortcut(layer input))``."""
+
+    def __init__(self, body: nn.Module, shortcut: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.shortcut = shortcut
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(skip))
+
+
 class _TaskOutput(nn.Module):
-    """A pruned layer's output for one task: its open channels from its own (pruned) copy, the
+    """A pruned unit's output for one task: its open channels from its own (pruned) copy, the
     others from the shared features, put back in channel order."""
 
     def __init__(self, copy_: nn.Module | None, pick: Tensor, order: Tensor, reorder: bool) -> None:
         super().__init__()
         self.has_copy = copy_ is not None
-        self.copy = copy_ if copy_ is not None else nn.Identity()
+        self.copy = copy_ if copy_ is not None else _Unit(nn.Identity())
         self.has_shared = len(pick) > 0
         self.register_buffer("pick", pick.long())
         self.register_buffer("order", order.long())
         self.reorder = reorder
 
-    def forward(self, x: Tensor, psi: Tensor) -> Tensor:
+    def forward(self, x: Tensor, skip: Tensor, psi: Tensor) -> Tensor:
         if self.has_copy and self.has_shared:
-            y = torch.cat([self.copy(x), psi.index_select(1, self.pick)], 1)
+            y = torch.cat([self.copy(x, skip), psi.index_select(1, self.pick)], 1)
         elif self.has_copy:
-            y = self.copy(x)
+            y = self.copy(x, skip)
         else:
             y = psi.index_select(1, self.pick)
         if self.reorder:
@@ -143,58 +222,100 @@ class _TaskOutput(nn.Module):
         return y
 
 
-class PrunedLayer(nn.Module):
-    """A gated layer made static: fixed mixing weights, pruned copies, no gates."""
+class PrunedUnit(nn.Module):
+    """One unit of a gated layer made static: fixed mixing weights, pruned copies, no gates."""
 
-    def __init__(self, shared: nn.Module | None, weights: Tensor | None, outputs: Sequence[_TaskOutput]) -> None:
+    def __init__(self, shared: nn.Module | None, weights: Tensor | None, first: bool,
+                 outputs: Sequence[_TaskOutput]) -> None:
         super().__init__()
         self.has_shared = shared is not None
-        self.shared = shared if shared is not None else nn.Identity()
+        self.shared = shared if shared is not None else _Unit(nn.Identity())
+        self.first = first
         self.identical_inputs = weights is None
         self.register_buffer("weights", weights if weights is not None else torch.zeros(0))
         self.outputs = nn.ModuleList(outputs)
 
-    def forward(self, xs: list[Tensor]) -> list[Tensor]:
-        psi = xs[0]
+    def forward(self, h: list[Tensor], xs: list[Tensor], first: Tensor) -> list[Tensor]:
+        psi = h[0]
         if self.has_shared:
-            psi = self.shared(xs[0] if self.identical_inputs else mix_inputs(self.weights, xs))
+            if self.first:
+                shared_in = first
+            elif self.identical_inputs:
+                shared_in = h[0]
+            else:
+                shared_in = mix_inputs(self.weights, h)
+            psi = self.shared(shared_in, first)
         outs = []
         for t, output in enumerate(self.outputs):
-            outs.append(output(xs[t], psi))
+            outs.append(output(h[t], xs[t], psi))
         return outs
 
 
-def _prune_layer(layer: GatedLayer, identical_inputs: bool) -> tuple[PrunedLayer, bool, dict[str, Any]]:
-    """(the pruned layer, whether its outputs are identical for all tasks, its gate summary)."""
-    with torch.no_grad():
-        open_ = (torch.sigmoid(layer.alpha) > 0.5).cpu()
-    channels = open_.shape[1]
-    uses_shared = (~open_).any(dim=0)  # channels some task takes from the shared copy
-    shared_keep = torch.nonzero(uses_shared).flatten()
-    shared = prune_outputs(layer.shared, shared_keep) if len(shared_keep) else None
-    if shared is not None and len(shared_keep) == channels:
-        shared = copy.deepcopy(layer.shared)
-    position = torch.full((channels,), -1, dtype=torch.long)
-    position[shared_keep] = torch.arange(len(shared_keep))
-    outputs = []
-    for t, task_copy in enumerate(layer.copies):
-        own = torch.nonzero(open_[t]).flatten()
-        taken = torch.nonzero(~open_[t]).flatten()
-        pruned = None
-        if len(own) == channels:
-            pruned = copy.deepcopy(task_copy)
-        elif len(own):
-            pruned = prune_outputs(task_copy, own)
-        concat = torch.cat([own, taken])  # the channel each position of [own copy, picked shared] holds
-        order = torch.empty(channels, dtype=torch.long)
-        order[concat] = torch.arange(channels)
-        reorder = bool((order != torch.arange(channels)).any())
-        outputs.append(_TaskOutput(pruned, position[taken], order, reorder))
-    weights = None if identical_inputs else layer.mixing_weights().detach().clone()
-    all_shared = not bool(open_.any())
-    summary = {"channels": channels, "open": open_.sum(dim=1).tolist(), "shared_kept": len(shared_keep),
-               "mask": open_.tolist()}
-    return PrunedLayer(shared, weights, outputs), all_shared, summary
+class PrunedLayer(nn.Module):
+    """A gated layer made static: its :class:`PrunedUnit` s, fed the layer's inputs."""
+
+    def __init__(self, weights: Tensor | None, units: Sequence[PrunedUnit]) -> None:
+        super().__init__()
+        self.identical_inputs = weights is None
+        self.register_buffer("weights", weights if weights is not None else torch.zeros(0))
+        self.units = nn.ModuleList(units)
+
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
+        first = xs[0] if self.identical_inputs else mix_inputs(self.weights, xs)
+        h = xs
+        for unit in self.units:
+            h = unit(h, xs, first)
+        return h
+
+
+def _prune_module(module: nn.Module, keep: Tensor, shortcut: nn.Module | None, whole: bool) -> nn.Module:
+    """A unit's output channels ``keep`` as a two-input module (a residual tail with ``shortcut``)."""
+    from branchnas.models.pruning import _shortcut
+
+    body = copy.deepcopy(module) if whole else prune_outputs(module, keep)
+    if shortcut is None:
+        return _Unit(body)
+    return _Tail(body, copy.deepcopy(shortcut) if whole else _shortcut(shortcut, keep))
+
+
+def _prune_layer(layer: GatedLayer, identical_inputs: bool) -> tuple[PrunedLayer, bool, list[dict[str, Any]]]:
+    """(the pruned layer, whether its outputs are identical for all tasks, a summary per unit)."""
+    last = len(layer._shared_units) - 1
+    units, summary = [], []
+    identical = identical_inputs
+    for k, shared_unit in enumerate(layer._shared_units):
+        with torch.no_grad():
+            open_ = (torch.sigmoid(layer.alphas[k]) > 0.5).cpu()
+        channels = open_.shape[1]
+        tail = k == last and layer.residual
+        uses_shared = (~open_).any(dim=0)  # channels some task takes from the shared copy
+        shared_keep = torch.nonzero(uses_shared).flatten()
+        shared = None
+        if len(shared_keep):
+            shared = _prune_module(shared_unit, shared_keep, layer._shared_shortcut if tail else None,
+                                   whole=len(shared_keep) == channels)
+        position = torch.full((channels,), -1, dtype=torch.long)
+        position[shared_keep] = torch.arange(len(shared_keep))
+        outputs = []
+        for t in range(open_.shape[0]):
+            own = torch.nonzero(open_[t]).flatten()
+            taken = torch.nonzero(~open_[t]).flatten()
+            pruned = None
+            if len(own):
+                pruned = _prune_module(layer._copy_units[t][k], own, layer._copy_shortcuts[t] if tail else None,
+                                       whole=len(own) == channels)
+            concat = torch.cat([own, taken])  # the channel each position of [own copy, picked shared] holds
+            order = torch.empty(channels, dtype=torch.long)
+            order[concat] = torch.arange(channels)
+            reorder = bool((order != torch.arange(channels)).any())
+            outputs.append(_TaskOutput(pruned, position[taken], order, reorder))
+        weights = None if (k == 0 or identical) else layer.mixing_weights(k).detach().clone()
+        units.append(PrunedUnit(shared, weights, k == 0, outputs))
+        identical = not bool(open_.any())  # every task took every channel from the shared copy
+        summary.append({"channels": channels, "open": open_.sum(dim=1).tolist(), "shared_kept": len(shared_keep),
+                        "mask": open_.tolist()})
+    first = None if identical_inputs else layer.mixing_weights(0).detach().clone()
+    return PrunedLayer(first, units), identical, summary
 
 
 class GatedNet(BranchedNet):
@@ -227,8 +348,8 @@ class GatedNet(BranchedNet):
             layers = []
             for k, layer in enumerate(gate_layers(block)):
                 identical = k == 0 and parent == STEM
-                layers.append(GatedLayer(layer, [copy.deepcopy(layer) for _ in group], channels[d][k + 1],
-                                         channels[d][k], identical, alpha_init))
+                layers.append(GatedLayer(layer, [copy.deepcopy(layer) for _ in group], channels[d][k],
+                                         identical, alpha_init))
             nodes[name] = GatedNode(layers)
         self.nodes = nn.ModuleDict(nodes)
         self.pruned = False
@@ -318,7 +439,7 @@ class GatedNet(BranchedNet):
     @torch.jit.unused
     def gate_parameters(self) -> list[nn.Parameter]:
         """Every ``α`` and ``β`` (the gate optimizer's parameters)."""
-        return [p for _, _, layer in self.gated_layers() for p in (layer.alpha, layer.beta)]
+        return [p for _, _, layer in self.gated_layers() for p in (*layer.alphas, *layer.betas)]
 
     @torch.jit.unused
     def gate_probabilities(self) -> dict[str, list[Tensor]]:
@@ -326,7 +447,7 @@ class GatedNet(BranchedNet):
         out: dict[str, list[Tensor]] = {t: [] for t in self.task_names}
         for name, _, layer in self.gated_layers():
             for t, task in enumerate(self.node_groups[name]):
-                out[task].append(torch.sigmoid(layer.alpha[t]))
+                out[task].extend(torch.sigmoid(alpha[t]) for alpha in layer.alphas)
         return out
 
     @torch.jit.unused
@@ -338,8 +459,9 @@ class GatedNet(BranchedNet):
         for name, node in self.nodes.items():
             if not isinstance(node, GatedNode):
                 continue
-            opened = sum((torch.sigmoid(layer.alpha.detach()) > 0.5).sum(dim=1) for layer in node.layers)
-            total = sum(layer.alpha.shape[1] for layer in node.layers)
+            alphas = [alpha.detach() for layer in node.layers for alpha in layer.alphas]
+            opened = sum((torch.sigmoid(alpha) > 0.5).sum(dim=1) for alpha in alphas)
+            total = sum(alpha.shape[1] for alpha in alphas)
             out[name] = {t: float(opened[i]) / total for i, t in enumerate(self.node_groups[name])}
         return out
 
@@ -417,8 +539,8 @@ def sparsity_loss(net: GatedNet, targets: Mapping[str, float]) -> Tensor:
     return torch.stack(terms).mean()
 
 
-def _layer_channels(backbone: nn.Module, size: int) -> list[list[int]]:
-    """Per block: ``[input channels, output channels of each gate layer]``, measured on zeros."""
+def _layer_channels(backbone: nn.Module, size: int) -> list[list[list[int]]]:
+    """Per block and gate layer: ``[input channels, output channels of each unit]``, measured on zeros."""
     was_training = backbone.training
     backbone.eval()
     try:
@@ -427,11 +549,16 @@ def _layer_channels(backbone: nn.Module, size: int) -> list[list[int]]:
             x = backbone.stem(torch.zeros(1, backbone.in_channels, size, size, device=device))
             out = []
             for block in backbone.blocks:
-                sizes = [x.shape[1]]
+                per_layer = []
                 for layer in gate_layers(block):
+                    units, _ = gate_units(layer)
+                    sizes, h = [x.shape[1]], x
+                    for unit in units:
+                        h = unit(h)
+                        sizes.append(h.shape[1])
+                    per_layer.append(sizes)
                     x = layer(x)
-                    sizes.append(x.shape[1])
-                out.append(sizes)
+                out.append(per_layer)
     finally:
         backbone.train(was_training)
     return out

@@ -90,7 +90,8 @@ class GatedVariant(Variant):
             "init": self.cfg.init,
             # per node and task: the share of the node's channels the task computes itself
             "openness": final.gate_summary["openness"],
-            "layers": {node: [{k: v for k, v in layer.items() if k != "mask"} for layer in layers]
+            # per node, layer and unit: channels, open channels per task, shared channels kept
+            "layers": {node: [[{k: v for k, v in unit.items() if k != "mask"} for unit in layer] for layer in layers]
                        for node, layers in final.gate_summary["layers"].items()},
             "params_before_pruning": count_params(trained),
         }}
@@ -107,17 +108,16 @@ class GatedVariant(Variant):
         decisions = checkpoint["gates"]
         with torch.no_grad():
             for name, k, layer in net.gated_layers():
-                opened = torch.tensor(decisions[name][k], dtype=torch.bool)
-                layer.alpha.copy_(torch.where(opened, 1.0, -1.0))
+                for unit, alpha in enumerate(layer.alphas):
+                    opened = torch.tensor(decisions[name][k][unit], dtype=torch.bool)
+                    alpha.copy_(torch.where(opened, 1.0, -1.0))
         pruned = net.eval().prune()
         pruned.load_state_dict(checkpoint["state_dict"])
         pruned.gate_summary = checkpoint.get("gate_summary") or pruned.gate_summary
         return pruned
 
 
-def gate_decisions(net: nn.Module) -> dict[str, list[list[list[bool]]]]:
-    """``{node: [per layer: [per task: [open per channel]]]}`` of a pruned gated network."""
-    out: dict[str, list[list[list[bool]]]] = {}
-    for name, layers in net.gate_summary["layers"].items():
-        out[name] = [layer["mask"] for layer in layers]
-    return out
+def gate_decisions(net: nn.Module) -> dict[str, list[list[list[list[bool]]]]]:
+    """``{node: [per layer: [per unit: [per task: [open per channel]]]]}`` of a pruned gated network."""
+    return {name: [[unit["mask"] for unit in layer] for layer in layers]
+            for name, layers in net.gate_summary["layers"].items()}
