@@ -356,7 +356,8 @@ def finetune_tree(
     if "gates" in report:
         from branchnas.variants.present import plot_gates
 
-        plot_gates(report["gates"]["openness"], [t.name for t in tasks], out_dir / "gates.png")
+        plot_gates(report["gates"]["openness"], [t.name for t in tasks], out_dir / "gates.png",
+                   report["gates"]["labels"])
     atomic_torch_save(_checkpoint(net, tree, tasks, data, recipe, variant_obj), model_path)
     atomic_write_json(report_path, report)
     return report
@@ -454,7 +455,7 @@ def report_table(report: Mapping[str, Any]) -> str:
         gates = report["gates"]
         lines += ["", f"gated variant (λ_s {gates['sparsity']:g}); pruned from "
                       f"{format_count(gates['params_before_pruning'])} params:",
-                  gate_table(gates["openness"], [t["name"] for t in report["tasks"]])]
+                  gate_table(gates["openness"], [t["name"] for t in report["tasks"]], gates.get("labels"))]
     return "\n".join(lines)
 
 

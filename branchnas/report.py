@@ -168,20 +168,23 @@ def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
         verdict = "fits" if budget["within"] else "**does not fit**"
         out += [f"The finished network {verdict} the budget: {format_count(budget['size'])} of "
                 f"{format_count(budget['limit'])} {budget['metric']} (fvcore, measured on the network itself)."
-                + ("" if budget["within"] else " `branchnas export` refuses it; raise finetune.gated.sparsity "
-                   "or lower finetune.gated.targets, or run `branchnas tune`."), ""]
+                + ("" if budget["within"] else " `branchnas export` refuses it: raise finetune.gated.sparsity "
+                   "or lower finetune.gated.targets and fine-tune again, or set export.over_budget = true."), ""]
     gates = finetune.get("gates")
     if gates:
         from branchnas.variants.present import gate_table
 
         tasks = [t["name"] for t in finetune["tasks"]]
+        targets = gates["targets"]
+        if len(set(targets.values())) == 1:
+            targets = next(iter(targets.values()))
         out += ["### Gates (GatedMTL variant)", "",
                 "In every block that several tasks share, each task had its own copy too, and per-channel "
                 "gates chose between its own features and the shared ones (hinge sparsity weight "
-                f"λ_s = {gates['sparsity']:g}, targets τ = {gates['targets']}). After training the closed "
+                f"λ_s = {gates['sparsity']:g}, targets τ = {targets}). After training the closed "
                 f"channels were pruned: {format_count(gates['params_before_pruning'])} → "
                 f"{format_count(finetune['params'])} params. The share of each shared node's channels that a "
-                "task computes itself:", "", "```", gate_table(gates["openness"], tasks), "```", ""]
+                "task computes itself:", "", "```", gate_table(gates["openness"], tasks, gates.get("labels")), "```", ""]
         if (rundir.path / "finetune" / "gates.png").exists():
             out += ["![gate openness](finetune/gates.png)", ""]
     return out

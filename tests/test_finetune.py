@@ -248,6 +248,14 @@ def test_compare_writes_json_and_markdown(run):
     assert rows["single-task"]["delta_mtl"] == 0.0
     assert rows["single-task"]["params"] >= rows["chosen"]["params"] >= rows["all-shared"]["params"]
     assert rows["all-shared"]["partitions"] == [[["shape", "colour", "segmentation"]]] * 3
+    # The chosen tree under the gated variant (finetune.compare_variants defaults to plain, gated).
+    gated = rows["chosen (gated)"]
+    assert gated["kind"] == "variant" and gated["variant"] == "gated" and rows["chosen"]["variant"] == "plain"
+    assert gated["partitions"] == rows["chosen"]["partitions"]
+    saved = json.loads((rundir.path / "compare" / "chosen-gated" / "report.json").read_text())
+    assert gated["params"] == saved["params"] and saved["variant"] == "gated"
+    assert gated["within_budget"] == (saved["params"] <= 40_000)
+    assert ("over the budget" in gated["note"]) == (not gated["within_budget"])
     randoms = [r for r in data["rows"] if r["kind"] == "random"]
     assert len(randoms) == 1
     for row in randoms:

@@ -90,6 +90,7 @@ class GatedVariant(Variant):
             "init": self.cfg.init,
             # per node and task: the share of the node's channels the task computes itself
             "openness": final.gate_summary["openness"],
+            "labels": {node: _label(trained, node) for node in final.gate_summary["openness"]},
             # per node, layer and unit: channels, open channels per task, shared channels kept
             "layers": {node: [[{k: v for k, v in unit.items() if k != "mask"} for unit in layer] for layer in layers]
                        for node, layers in final.gate_summary["layers"].items()},
@@ -115,6 +116,17 @@ class GatedVariant(Variant):
         pruned.load_state_dict(checkpoint["state_dict"])
         pruned.gate_summary = checkpoint.get("gate_summary") or pruned.gate_summary
         return pruned
+
+
+def _label(net: nn.Module, node: str) -> str:
+    """A node as a person reads it, e.g. ``layer2 {shape,count}`` or ``layer2 {segmentation,… 5 tasks}``."""
+    d = int(node[1:].split("_", 1)[0])
+    info = net.block_info[d] if d < len(net.block_info) else None
+    group = net.node_groups[node]
+    tasks = ",".join(group)
+    if len(tasks) > 24:
+        tasks = f"{group[0]},… {len(group)} tasks"
+    return f"{getattr(info, 'name', f'block {d}')} {{{tasks}}}"
 
 
 def gate_decisions(net: nn.Module) -> dict[str, list[list[list[list[bool]]]]]:
