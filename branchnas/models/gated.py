@@ -162,7 +162,8 @@ class GatedLayer(nn.Module):
 
 
 class GatedNode(nn.Module):
-    """A node shared by several tasks: its gated layers in order."""
+    """A node shared by several tasks: its :class:`GatedLayer` s (after pruning, its
+    :class:`PrunedLayer` s) in order."""
 
     def __init__(self, layers: Sequence[nn.Module]) -> None:
         super().__init__()
@@ -434,7 +435,7 @@ class GatedNet(BranchedNet):
     def gated_layers(self) -> list[tuple[str, int, GatedLayer]]:
         """``(node, layer index, layer)`` of every gated layer (none once pruned)."""
         return [(name, k, layer) for name, node in self.nodes.items() if isinstance(node, GatedNode)
-                for k, layer in enumerate(node.layers)]
+                for k, layer in enumerate(node.layers) if isinstance(layer, GatedLayer)]
 
     @torch.jit.unused
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -470,7 +471,7 @@ class GatedNet(BranchedNet):
         params = list(self.stem.parameters())
         gates = {id(p) for p in self.gate_parameters()}
         for node in self.nodes.values():
-            if isinstance(node, GatedNode | PrunedNode):
+            if isinstance(node, GatedNode):
                 params.extend(p for p in node.parameters() if id(p) not in gates)
         return params
 
@@ -502,24 +503,11 @@ class GatedNet(BranchedNet):
                 layers.append(pruned)
                 per_layer.append(info)
             all_shared[name] = identical
-            net.nodes[name] = PrunedNode(layers)
+            net.nodes[name] = GatedNode(layers)
             summary["layers"][name] = per_layer
         net.pruned = True
         net.gate_summary = summary
         return net.eval() if not self.training else net
-
-
-class PrunedNode(nn.Module):
-    """A gated node after :meth:`GatedNet.prune`: its :class:`PrunedLayer` s in order."""
-
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, xs: list[Tensor]) -> list[Tensor]:
-        for layer in self.layers:
-            xs = layer(xs)
-        return xs
 
 
 def sparsity_loss(net: GatedNet, targets: Mapping[str, float]) -> Tensor:
