@@ -57,11 +57,11 @@ __all__ = [
 #: ``format`` field of ``finetune/model.pt``; bump it when the layout changes.
 MODEL_FORMAT = "branchnas.branched/1"
 
-def check_variant(recipe: Recipe, variant: str | None = None) -> None:
+def check_variant(recipe: Recipe, variant: str | None = None, task_names: Sequence[str] | None = None) -> None:
     """Refuse an unknown or unavailable ``finetune.variant`` (or ``variant``), or its bad settings."""
     from branchnas.variants import get_variant
 
-    names = [t.name for t in recipe.tasks] or None
+    names = list(task_names or []) or [t.name for t in recipe.tasks] or None
     get_variant(variant or recipe.finetune.variant, recipe).check(names)
 
 

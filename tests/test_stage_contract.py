@@ -151,7 +151,8 @@ RECIPE_ONLY = [
      "below the smallest tree"),
     (["affinity.images=600"], "affinity.images: expected at most 500"),
     (["pretrain.device=tpu"], "pretrain.device"),
-    (["finetune.variant=gated"], "not available yet"),
+    (["finetune.variant=fused"], "not available yet"),
+    (["finetune.variant=gated", "finetune.gated.targets={ shpe = 0.5 }"], "unknown task(s) shpe"),
     (["data.dataset=nope"], "unknown dataset 'nope'"),
     (["data.dataset=celeba", "data.root=/no/such/folder"], "data.root"),
     (["out=/proc/x"], "virtual file system"),
@@ -170,6 +171,14 @@ def test_recipe_errors_are_found_by_recipe_check_and_before_any_work_by_run(tmp_
     code, output = cli(capsys, "run", *sets(base))
     assert_refused(code, output, words)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "runs" / "shapes").exists()
+
+
+def test_compare_refuses_an_unknown_variant_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, output = cli(capsys, "compare", *sets([f"out={json.dumps(str(tmp_path / 'runs'))}"]),
+                       "--variants", "plain,gatd")
+    assert_refused(code, output, "did you mean 'gated'")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):

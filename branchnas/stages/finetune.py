@@ -66,9 +66,11 @@ class FinetuneStage(Stage):
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         from branchnas.finetune import check_variant
-        from branchnas.stages._checks import check_device
+        from branchnas.stages._checks import check_device, splits_of
 
-        check_variant(recipe)
+        check_variant(recipe)  # an unknown variant is refused before the data is opened
+        if recipe.finetune.variant != "plain":
+            check_variant(recipe, task_names=[t.name for t in splits_of(recipe)[1]])
         check_device(recipe.finetune.device, "finetune.device")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:

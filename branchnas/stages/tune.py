@@ -1,7 +1,8 @@
 """Stage 5, ``tune`` (optional): Optuna over the gate sparsity and hinge targets.
 
-Registered so that the pipeline, ``--until`` and the docs know it; it needs the gated
-fine-tuning variant, which has not landed, so its check refuses it before any work.
+Registered so that the pipeline, ``--until`` and the docs know it. It will tune the gated
+fine-tuning variant (``finetune.gated``); until it is built its check refuses it before any
+work.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class TuneStage(Stage):
     optional = True
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
-        raise NotAvailableYet("stage 'tune' is not available yet (it needs the gated variant); nothing was run")
+        raise NotAvailableYet("stage 'tune' is not available yet; set finetune.gated.sparsity and .targets by hand "
+                              "(docs/variants.md); nothing was run")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         raise NotAvailableYet("stage 'tune' is not available yet")
