@@ -167,7 +167,21 @@ class FinetuneConfig(TrainConfig):
     epochs: int = field(default=4, metadata=_spec("training epochs", min=1))
     lr: float = field(default=0.02, metadata=_spec("peak learning rate", min=0.0))
     variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused"))
-    weighting: str = field(default="uniform", metadata=_choices("uniform", "uncertainty", "dwa", "rlw", "pcgrad"))
+    weighting: str | dict[str, Any] = field(default="uniform", metadata=_spec(
+        "loss weighting: a name, or a table { name = ..., option = value }; options: dwa: temperature; "
+        "gradnorm: alpha, lr; mgda: normalization; graddrop: leak; imtl: loss_scale; gradvac: beta; famo: lr, decay",
+        choices=("uniform", "uncertainty", "dwa", "rlw", "pcgrad", "gradnorm", "mgda", "graddrop", "imtl", "gradvac", "famo"),
+        # Each scheme's options (keyword arguments of its class in branchnas.weighting).
+        options={
+            "dwa": {"temperature": {"type": float, "min": 0.0}},
+            "gradnorm": {"alpha": {"type": float, "min": 0.0}, "lr": {"type": float, "min": 0.0}},
+            "mgda": {"normalization": {"type": str, "choices": ("none", "l2", "loss", "loss+")}},
+            "graddrop": {"leak": {"type": float, "min": 0.0, "max": 1.0}},
+            "imtl": {"loss_scale": {"type": bool}},
+            "gradvac": {"beta": {"type": float, "min": 0.0, "max": 1.0}},
+            "famo": {"lr": {"type": float, "min": 0.0}, "decay": {"type": float, "min": 0.0}},
+        },
+    ))
     init: str = field(default="outlier", metadata=_choices("first", "central", "outlier", "average", "scratch", doc="how tree nodes take single-task weights: the group's first task, its most central task by affinity, its least central (outlier) task, the group mean, or fresh"))
     distill: float = field(default=0.3, metadata=_spec("weight of output distillation from each task's single-task model (0 = off)", min=0.0))
     distill_features: float = field(default=0.0, metadata=_spec("weight of feature distillation at the branch points (0 = off)", min=0.0))
@@ -287,16 +301,18 @@ def _coerce(path: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any
         if args and args[1] in _TYPE_WORDS:
             value = {str(k): _coerce(f"{path}.{k}", v, args[1], meta) for k, v in value.items()}
     elif origin in (typing.Union, types.UnionType):
-        # A scalar or a table of scalars (``targets = 0.25`` or ``targets = { depth = 0.5 }``).
+        # A scalar or a table of scalars (``targets = 0.25`` or ``targets = { depth = 0.5 }``);
+        # with "options", a name or a named table (``weighting = { name = "gradnorm", alpha = 1.5 }``).
         scalar, table = typing.get_args(annotation)
+        if isinstance(value, dict) and "options" in meta:
+            return _coerce_named(path, value, meta)
         if isinstance(value, dict):
             return _coerce(path, value, table, meta)
+        shape = "{ name = ..., option = value }" if "options" in meta else "{ task = value }"
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise RecipeError(f"{path}: expected {_TYPE_WORDS[scalar]} or a table {{ task = value }}; "
-                              f"got {_describe(value)}")
+            raise RecipeError(f"{path}: expected {_TYPE_WORDS[scalar]} or a table {shape}; got {_describe(value)}")
         if isinstance(value, str) and scalar is not str:
-            raise RecipeError(f"{path}: expected {_TYPE_WORDS[scalar]} or a table {{ task = value }}; "
-                              f"got {_describe(value)}")
+            raise RecipeError(f"{path}: expected {_TYPE_WORDS[scalar]} or a table {shape}; got {_describe(value)}")
         return _coerce(path, value, scalar, meta)
     else:  # pragma: no cover - a schema bug, not a user error
         raise TypeError(f"unsupported recipe field type {annotation!r} at {path}")
@@ -311,6 +327,24 @@ def _coerce(path: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any
     if "max" in meta and isinstance(value, int | float) and value > meta["max"]:
         raise RecipeError(f"{path}: expected a value <= {meta['max']}; got {_describe(value)}")
     return value
+
+
+def _coerce_named(path: str, value: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """A table ``{ name = choice, option = value, ... }``: ``name`` one of ``meta["choices"]``,
+    each other key one of ``meta["options"][name]`` (a dict of option -> spec with a "type")."""
+    if "name" not in value:
+        raise RecipeError(f"{path}.name: missing; expected one of {', '.join(repr(c) for c in meta['choices'])}")
+    name = _coerce(f"{path}.name", value["name"], str, {"choices": meta["choices"]})
+    specs = meta["options"].get(name, {})
+    out = {"name": name}
+    for key, v in value.items():
+        if key == "name":
+            continue
+        if key not in specs:
+            raise RecipeError(f"{path}.{key}: unknown option of {name!r}{did_you_mean(key, specs)}; "
+                              f"valid options: {', '.join(specs) or '(none)'}")
+        out[key] = _coerce(f"{path}.{key}", v, specs[key]["type"], specs[key])
+    return out
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:

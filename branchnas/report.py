@@ -160,6 +160,14 @@ def _finetune_report(rundir: RunDir) -> dict[str, Any] | None:
     return read_report(rundir)
 
 
+def _weighting_name(weighting: Any) -> str:
+    """``uniform``, or ``gradnorm (alpha 1.5)`` for the table form."""
+    if isinstance(weighting, Mapping):
+        options = ", ".join(f"{k} {v}" for k, v in weighting.items() if k != "name")
+        return f"{weighting.get('name', '?')}" + (f" ({options})" if options else "")
+    return str(weighting or "uniform")
+
+
 def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
     """The budget check and, for the gated variant, how much each task specialised."""
     out = []
@@ -264,7 +272,7 @@ def write_report(rundir: RunDir) -> Path:
     if finetune:
         out += ["## 4. Fine-tuned branched network", "",
                 f"Initialised from the single-task models and fine-tuned on all tasks "
-                f"(variant: {finetune.get('variant', 'plain')}, loss weighting: {finetune.get('weighting', 'uniform')}). "
+                f"(variant: {finetune.get('variant', 'plain')}, loss weighting: {_weighting_name(finetune.get('weighting'))}). "
                 "Test metrics:", ""]
         rows = []
         for task in finetune["tasks"]:

@@ -10,8 +10,10 @@ from branchnas_cli._options import force_option, load, recipe_options, run_stage
 @recipe_options
 @force_option
 @click.option(
-    "--weighting", type=click.Choice(["uniform", "uncertainty", "dwa", "rlw", "pcgrad"]), default=None,
-    help="Loss weighting (shortcut for --set finetune.weighting=...); default: the recipe's (uniform).",
+    "--weighting", type=click.Choice(["uniform", "uncertainty", "dwa", "rlw", "pcgrad", "gradnorm", "mgda", "graddrop",
+                                      "imtl", "gradvac", "famo"]), default=None,
+    help="Loss weighting (shortcut for --set finetune.weighting=...; options with --set finetune.weighting="
+         "'{ name = \"gradnorm\", alpha = 1.5 }'); default: the recipe's (uniform).",
 )
 @click.option(
     "--variant", type=click.Choice(["plain", "gated", "fused"]), default=None,

@@ -29,7 +29,8 @@ def make_tasks(*weights: float) -> list[Task]:
 
 
 def test_registry_lists_every_scheme_and_suggests_on_a_typo():
-    assert set(WEIGHTINGS) == {"uniform", "uncertainty", "dwa", "rlw", "pcgrad"}
+    assert set(WEIGHTINGS) == {"uniform", "uncertainty", "dwa", "rlw", "pcgrad", "gradnorm", "mgda", "graddrop",
+                               "imtl", "gradvac", "famo"}
     assert isinstance(get_weighting("dwa", make_tasks(1, 1), seed=0), DWA)
     with pytest.raises(RecipeError, match=r"unknown loss weighting 'pcgard'; choose one of: .* \(did you mean 'pcgrad'\?\)"):
         get_weighting("pcgard", make_tasks(1, 1))
