@@ -151,12 +151,12 @@ class SearchConfig:
 class GatedConfig:
     """``[finetune.gated]``: the GatedMTL variant's gates (``finetune.variant = "gated"``)."""
 
-    sparsity: float = field(default=0.05, metadata=_spec("λ_s, the weight of the hinge sparsity loss on the gates", min=0.0))
-    targets: float | dict[str, float] = field(default=0.25, metadata=_spec(
+    sparsity: float = field(default=2.0, metadata=_spec("λ_s, the weight of the hinge sparsity loss on the gates", min=0.0))
+    targets: float | dict[str, float] = field(default=0.05, metadata=_spec(
         "τ_t, the hinge target (share of a task's gates left open without penalty): one value for every "
         "task, or a table { task = value }", min=0.0, max=1.0))
-    lr: float = field(default=0.1, metadata=_spec("learning rate of the gates' own SGD (α and β)", min=0.0))
-    init: float = field(default=1.0, metadata=_spec(
+    lr: float = field(default=10.0, metadata=_spec("learning rate of the gates' own SGD (α and β)", min=0.0))
+    init: float = field(default=-0.1, metadata=_spec(
         "initial gate logit α: > 0 starts every task on its own single-task features, < 0 on the shared ones"))
 
 

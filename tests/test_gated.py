@@ -524,3 +524,16 @@ def test_a_task_pays_for_the_channels_it_opens_in_each_conv():
     with torch.no_grad():
         for a, b in zip(layer([x, x]), pruned.eval()([x, x]), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gates_settings_key_only_the_gated_fine_tune():
+    from branchnas.stages import get_stage
+
+    finetune, compare = get_stage("finetune").config, get_stage("compare").config
+    a, b = load_recipe(None, []), load_recipe(None, ["finetune.gated.sparsity=7"])
+    assert finetune(a, {}) == finetune(b, {})  # a plain fine-tune is not redone
+    assert compare(a, {}) != compare(b, {})  # compare's gated row is
+    gated = ["finetune.variant=gated"]
+    assert finetune(load_recipe(None, gated), {}) != finetune(load_recipe(None, [*gated, "finetune.gated.sparsity=7"]), {})
+    plain_only = ["finetune.compare_variants=[\"plain\"]"]
+    assert compare(load_recipe(None, plain_only), {}) == compare(load_recipe(None, [*plain_only, "finetune.gated.lr=1"]), {})

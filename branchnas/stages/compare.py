@@ -10,6 +10,7 @@ Artifacts in ``compare/``: ``compare.json`` (rows of params, FLOPs, test metrics
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,8 +39,11 @@ class CompareStage(Stage):
         return ("pretrain", "finetune")
 
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-        return get_stage("finetune").config(recipe, options) | {"compare_random": recipe.finetune.compare_random,
-                                                                "compare_variants": recipe.finetune.compare_variants}
+        config = get_stage("finetune").config(recipe, options) | {"compare_random": recipe.finetune.compare_random,
+                                                                  "compare_variants": recipe.finetune.compare_variants}
+        if "gated" in recipe.finetune.compare_variants:
+            config["finetune"]["gated"] = dataclasses.asdict(recipe.finetune.gated)
+        return config
 
     def fingerprint_extra(self, recipe: Any, rundir: Any, options: Mapping[str, Any]) -> dict[str, Any]:
         from branchnas.finetune import tree_to_json

@@ -50,6 +50,8 @@ class FinetuneStage(Stage):
         The data, tasks and backbone also reach it through pretrain's fingerprint.
         """
         finetune = {k: v for k, v in dataclasses.asdict(recipe.finetune).items() if k not in NOT_FINGERPRINTED}
+        if recipe.finetune.variant != "gated":
+            finetune.pop("gated")  # the gates' settings change only the gated variant
         return {
             "finetune": finetune,
             "tasks": [dataclasses.asdict(t) for t in recipe.tasks],

@@ -38,7 +38,9 @@ class GatedVariant(Variant):
         """τ_t for every task."""
         targets = self.cfg.targets
         if isinstance(targets, Mapping):
-            default = 0.25
+            from branchnas.recipe import GatedConfig
+
+            default = GatedConfig.targets  # tasks the table leaves out get the default
             return {t: float(targets.get(t, default)) for t in task_names}
         return {t: float(targets) for t in task_names}
 
