@@ -20,6 +20,8 @@ under ``compare/`` (resumable), so the models differ only in their tree. Artifac
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +40,9 @@ __all__ = [
     "random_chain",
     "comparison_table",
     "comparison_markdown",
+    "check_weightings",
+    "plot_weightings",
+    "weighting_names",
 ]
 
 #: Trees enumerated at most before sampling takes over (N tasks and D blocks grow fast).
@@ -72,12 +77,14 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
     }]
     # Keyed by layout and variant: a tree that equals another row's is fine-tuned once.
     main = recipe.finetune.variant
-    reports: dict[Any, dict[str, Any]] = {(chosen_tree.partitions, main): chosen}
+    reports: dict[Any, dict[str, Any]] = {(chosen_tree.partitions, main, None): chosen}
 
-    def add(name: str, kind: str, tree: Tree, variant: str = main, where: str = "") -> None:
-        key = (tree.partitions, variant)
+    def add(name: str, kind: str, tree: Tree, variant: str = main, where: str = "", weighting: Any = None) -> None:
+        key = (tree.partitions, variant, _weighting_key(weighting))
+        run_recipe = recipe if weighting is None else dataclasses.replace(
+            recipe, finetune=dataclasses.replace(recipe.finetune, weighting=weighting))
         if key not in reports:
-            reports[key] = finetune_tree(recipe, rundir, tree, folder / (where or name), desc=f"compare {name}",
+            reports[key] = finetune_tree(run_recipe, rundir, tree, folder / (where or name), desc=f"compare {name}",
                                          splits=(splits, tasks), variant=variant)
         report = reports[key]
         same = tree.partitions == chosen_tree.partitions and kind not in ("chosen", "variant")
@@ -92,6 +99,8 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
             "test": report["test"], "delta_mtl": delta_mtl(report["test"], baseline, tasks, undefined="nan"),
             "delta_per_task": {t.name: delta_mtl(report["test"], baseline, [t], undefined="nan") for t in tasks},
             "within_budget": budget.get("within"),
+            "weighting": _weighting_key(weighting) or _weighting_key(recipe.finetune.weighting),
+            "seconds_per_epoch": _seconds_per_epoch(report),
             "note": "; ".join(notes),
         })
 
@@ -101,6 +110,10 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
     for variant in recipe.finetune.compare_variants:
         if variant != main:
             add(f"chosen ({variant})", "variant", chosen_tree, variant, where=f"chosen-{variant}")
+    # The chosen tree under other loss weightings (finetune.compare_weightings), same seeds.
+    for weighting in recipe.finetune.compare_weightings:
+        if weighting != _weighting_key(recipe.finetune.weighting):
+            add(f"chosen ({weighting})", "weighting", chosen_tree, where=f"weighting-{weighting}", weighting=weighting)
     # With search.top > 1 the search ranks several trees; the runners-up are compared too.
     for rank, tree in enumerate(read_ranked(rundir)[1:], 2):
         add(f"rank-{rank}", "ranked", tree)
@@ -121,6 +134,66 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
         "random_requested": count,
         "rows": rows,
     }
+
+
+def _weighting_key(weighting: Any) -> str | None:
+    """A loss weighting as one string: its name, or its table as JSON when it has options."""
+    if weighting is None:
+        return None
+    if isinstance(weighting, Mapping):
+        return weighting["name"] if set(weighting) == {"name"} else json.dumps(dict(weighting), sort_keys=True)
+    return str(weighting)
+
+
+def _seconds_per_epoch(report: Mapping[str, Any]) -> float | None:
+    """Mean wall seconds of a fine-tuning's epochs (training and validation), from its history."""
+    history = (report.get("training") or {}).get("history") or []
+    seconds = [float(h["seconds"]) for h in history if h.get("seconds") is not None]
+    return sum(seconds) / len(seconds) if seconds else None
+
+
+def weighting_names() -> list[str]:
+    """Every loss weighting the recipe accepts (read from the schema: no torch import)."""
+    from branchnas.recipe import FinetuneConfig
+
+    field = next(f for f in dataclasses.fields(FinetuneConfig) if f.name == "weighting")
+    return list(field.metadata["choices"])
+
+
+def check_weightings(names: Sequence[str]) -> None:
+    """Refuse an unknown name in ``finetune.compare_weightings`` before any work."""
+    from branchnas.errors import RecipeError, unknown_choice
+
+    valid = weighting_names()
+    for name in names:
+        if name not in valid:
+            raise RecipeError(f"finetune.compare_weightings: {unknown_choice('loss weighting', name, valid)}")
+
+
+def plot_weightings(data: Mapping[str, Any], path: str | Path) -> None:
+    """Test Δ_MTL of the chosen tree under each loss weighting (bars), with seconds per epoch."""
+    from matplotlib.figure import Figure
+
+    from branchnas.rundir import atomic_savefig
+
+    rows = [r for r in data["rows"] if r["kind"] in ("chosen", "weighting")]
+    rows.sort(key=lambda r: r["delta_mtl"])
+    fig = Figure(figsize=(6.5, 1.2 + 0.38 * len(rows)))
+    ax = fig.add_subplot(1, 1, 1)
+    values = [100 * r["delta_mtl"] for r in rows]
+    colours = ["#c44e52" if r["kind"] == "chosen" else "#4c72b0" for r in rows]
+    ax.barh(range(len(rows)), values, color=colours)
+    ax.set_yticks(range(len(rows)), labels=[r.get("weighting") or r["name"] for r in rows], fontsize=8)
+    for i, r in enumerate(rows):
+        seconds = r.get("seconds_per_epoch")
+        label = f"{values[i]:+.2f}%" + (f"  {seconds:.0f} s/epoch" if seconds else "")
+        ax.annotate(label, (values[i], i), xytext=(4 if values[i] >= 0 else -4, 0), textcoords="offset points",
+                    va="center", ha="left" if values[i] >= 0 else "right", fontsize=7)
+    ax.axvline(0, color="#999999", lw=0.8)
+    ax.set_xlabel("Δ_MTL vs single-task (%), test — higher is better")
+    ax.set_title("the chosen tree under each loss weighting (red: the recipe's)", fontsize=9)
+    ax.margins(x=0.25)
+    atomic_savefig(fig, path)
 
 
 def _costs(recipe: Recipe, rundir: RunDir) -> BlockCosts:
@@ -240,12 +313,14 @@ def comparison_table(data: Mapping[str, Any], markdown: bool = False) -> str:
     tasks = data["tasks"]
     headers = ["model", "#params", "FLOPs"]
     headers += [f"{t['name']} {t['metric']} {'↑' if t['higher_is_better'] else '↓'}" for t in tasks]
-    headers.append("Δ_MTL (%) ↑")
+    headers += ["Δ_MTL (%) ↑", "s/epoch"]
     rows = []
     for row in data["rows"]:
         cells = [row["name"], format_count(row["params"]), format_count(row["flops"])]
         cells += [f"{row['test'][t['name']][t['metric']]:.4f}" for t in tasks]
         cells.append(format_delta(row['delta_mtl'], percent=""))
+        seconds = row.get("seconds_per_epoch")
+        cells.append(f"{seconds:.0f}" if seconds else "-")
         rows.append(cells)
     align = ("left",) + ("right",) * (len(headers) - 1)
     return tabulate(rows, headers=headers, tablefmt="github" if markdown else "simple",
@@ -260,9 +335,11 @@ def comparison_markdown(data: Mapping[str, Any]) -> str:
         "",
         comparison_table(data, markdown=True),
         "",
-        "## Trees",
-        "",
     ]
+    if any(row["kind"] == "weighting" for row in data["rows"]):
+        lines += ["s/epoch: mean wall seconds of a fine-tuning epoch (training and validation) on this machine.",
+                  "", "![the chosen tree under each loss weighting](weightings.png)", ""]
+    lines += ["## Trees", ""]
     for row in data["rows"]:
         note = f" ({row['note']})" if row.get("note") else ""
         lines.append(f"- **{row['name']}**: `{_describe(row['partitions'])}`{note}")

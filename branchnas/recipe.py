@@ -191,6 +191,8 @@ class FinetuneConfig(TrainConfig):
     compare_random: int = field(default=0, metadata=_spec("random trees of similar size in `branchnas compare`", min=0))
     compare_variants: list[str] = field(default_factory=lambda: ["plain", "gated"], metadata=_spec(
         "fine-tuning variants that `branchnas compare` trains on the chosen tree, one row each"))
+    compare_weightings: list[str] = field(default_factory=list, metadata=_spec(
+        "loss weightings that `branchnas compare` also trains the chosen tree with, one row each (names)"))
     gated: GatedConfig = field(default_factory=GatedConfig)
 
 

@@ -237,7 +237,8 @@ def test_cli_finetune_prints_the_table(run, monkeypatch):
 @pytest.mark.slow
 def test_compare_writes_json_and_markdown(run):
     recipe, rundir, _ = run
-    recipe = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "finetune.compare_random=1"))
+    recipe = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "finetune.compare_random=1",
+                                              'finetune.compare_weightings=["uniform", "famo", "mgda"]'))
     run_stage(recipe, rundir, "compare")
     data = json.loads((rundir.path / "compare" / "compare.json").read_text())
     names = [r["name"] for r in data["rows"]]
@@ -256,6 +257,14 @@ def test_compare_writes_json_and_markdown(run):
     assert gated["params"] == saved["params"] and saved["variant"] == "gated"
     assert gated["within_budget"] == (saved["params"] <= 40_000)
     assert ("over the budget" in gated["note"]) == (not gated["within_budget"])
+    # One row per other loss weighting (uniform is the recipe's own: the chosen row), same tree.
+    weighted = [r for r in data["rows"] if r["kind"] == "weighting"]
+    assert [r["weighting"] for r in weighted] == ["famo", "mgda"]
+    for row in weighted:
+        saved = json.loads((rundir.path / "compare" / f"weighting-{row['weighting']}" / "report.json").read_text())
+        assert saved["weighting"] == row["weighting"] and row["partitions"] == rows["chosen"]["partitions"]
+        assert row["test"] == saved["test"] and row["seconds_per_epoch"] > 0
+    assert (rundir.path / "compare" / "weightings.png").read_bytes()[:4] == b"\x89PNG"
     randoms = [r for r in data["rows"] if r["kind"] == "random"]
     assert len(randoms) == 1
     for row in randoms:
@@ -266,7 +275,7 @@ def test_compare_writes_json_and_markdown(run):
     for name in names:
         assert f"| {name}" in md
     table = compare.comparison_table(data).splitlines()
-    assert table[0].split()[:3] == ["model", "#params", "FLOPs"]
+    assert table[0].split()[:3] == ["model", "#params", "FLOPs"] and table[0].split()[-1] == "s/epoch"
 
 
 # --------------------------------------------------------------------------- slow: export

@@ -179,6 +179,10 @@ def test_compare_refuses_an_unknown_variant_before_any_work(tmp_path, capsys, mo
                        "--variants", "plain,gatd")
     assert_refused(code, output, "did you mean 'gated'")
     assert not (tmp_path / "runs").exists()
+    code, output = cli(capsys, "compare", *sets([f"out={json.dumps(str(tmp_path / 'runs'))}"]),
+                       "--weighting", "famo,gradnrom")
+    assert_refused(code, output, "did you mean 'gradnorm'")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):

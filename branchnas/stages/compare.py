@@ -28,6 +28,7 @@ class CompareStage(Stage):
     artifacts = (
         Artifact("compare.json", "one row per model: partitions, params, FLOPs, test metrics, Δ_MTL"),
         Artifact("compare.md", "the comparison as a Markdown table"),
+        Artifact("weightings.png", "with finetune.compare_weightings: Δ_MTL and time per epoch of each loss weighting"),
     )
 
     def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -39,8 +40,11 @@ class CompareStage(Stage):
         return ("pretrain", "finetune")
 
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-        config = get_stage("finetune").config(recipe, options) | {"compare_random": recipe.finetune.compare_random,
-                                                                  "compare_variants": recipe.finetune.compare_variants}
+        config = get_stage("finetune").config(recipe, options) | {
+            "compare_random": recipe.finetune.compare_random,
+            "compare_variants": recipe.finetune.compare_variants,
+            "compare_weightings": recipe.finetune.compare_weightings,
+        }
         if "gated" in recipe.finetune.compare_variants:
             config["finetune"]["gated"] = dataclasses.asdict(recipe.finetune.gated)
         return config
@@ -52,20 +56,26 @@ class CompareStage(Stage):
         return {"ranked": [tree_to_json(t) for t in read_ranked(rundir)]}
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
+        from branchnas.compare import check_weightings
         from branchnas.finetune import check_variant
 
         get_stage("finetune").check(recipe, options)
         for variant in recipe.finetune.compare_variants:
             check_variant(recipe, variant)
+        check_weightings(recipe.finetune.compare_weightings)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from branchnas.compare import compare_trees, comparison_markdown
+        from branchnas.compare import compare_trees, comparison_markdown, plot_weightings
         from branchnas.rundir import atomic_write_json, atomic_write_text
 
         data = compare_trees(ctx.recipe, ctx.rundir, ctx.folder)
+        outputs = ["compare.json", "compare.md"]
+        if any(row["kind"] == "weighting" for row in data["rows"]):
+            plot_weightings(data, ctx.folder / "weightings.png")
+            outputs.append("weightings.png")
         atomic_write_json(ctx.folder / "compare.json", data)
         atomic_write_text(ctx.folder / "compare.md", comparison_markdown(data))
-        return {"outputs": ["compare.json", "compare.md"], "models": len(data["rows"])}
+        return {"outputs": outputs, "models": len(data["rows"])}
 
 
 def read_comparison(rundir: Any) -> dict[str, Any]:

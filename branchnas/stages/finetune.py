@@ -23,7 +23,7 @@ __all__ = ["FinetuneStage", "read_report", "load_finetuned", "model_path"]
 
 #: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_*`` are read
 #: only by ``branchnas compare``, ``device`` says where it runs (as in stage 1).
-NOT_FINGERPRINTED = ("compare_random", "compare_variants", "device")
+NOT_FINGERPRINTED = ("compare_random", "compare_variants", "compare_weightings", "device")
 
 
 @register_stage
