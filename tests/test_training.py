@@ -302,3 +302,19 @@ def test_the_objective_hook_changes_what_is_optimised():
     for key in before:
         if "running" not in key and "num_batches" not in key:  # BN statistics still follow the data
             assert torch.equal(before[key], after[key]), key
+
+
+def test_compare_only_keys_do_not_invalidate_a_checkpoint(tmp_path):
+    """A run interrupted, then resumed by `branchnas compare --weighting ...`, continues."""
+    from branchnas.recipe import FinetuneConfig
+    from branchnas.training import Trainer
+
+    a = FinetuneConfig(device="cpu")
+    b = FinetuneConfig(device="cpu", compare_random=2, compare_variants=["plain"], compare_weightings=["famo"])
+    from branchnas.tasks import Task
+
+    model, tasks = torch.nn.Linear(2, 2), [Task("t", "regression", "t")]
+    configs = [Trainer(model, tasks, cfg, batch_size=1, seed=0, progress=False)._config() for cfg in (a, b)]
+    assert configs[0] == configs[1]
+    assert Trainer(model, tasks, FinetuneConfig(device="cpu", lr=0.5), batch_size=1, seed=0,
+                   progress=False)._config() != configs[0]

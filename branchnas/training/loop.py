@@ -200,6 +200,8 @@ class Trainer:
         cfg = _cfg_dict(self.cfg)
         for key in ("device", "concurrent"):  # where and how it runs, not what it computes
             cfg.pop(key, None)
+        for key in [k for k in cfg if k.startswith("compare_")]:  # read only by `branchnas compare`
+            cfg.pop(key)
         return {"train": cfg, "batch_size": self.batch_size, "seed": self.seed, "augment": self.augment}
 
     def _checkpoint_path(self, member: _Member) -> Path | None:
