@@ -3,9 +3,9 @@
 In every node of the tree that two or more tasks share, each of the node's layers (each
 residual block of a stage, or the block itself when it is not a sequence of layers) holds a
 *shared* copy ``Ψ`` and one *task* copy ``Φ_t`` per task of the node. A layer is cut into
-*units* at its gate points (:func:`gate_units`): after every conv + BatchNorm (+ ReLU) of a
-residual block, the last one after ``relu(· + shortcut(x))``; any other layer is one unit.
-For unit ``ℓ`` with per-task inputs ``x_t``:
+*units* at its gate points (:func:`branchnas.models.pruning.layer_units`): after every
+conv + BatchNorm (+ ReLU) of a residual block, the last one after ``relu(· + shortcut(x))``;
+any other layer is one unit. For unit ``ℓ`` with per-task inputs ``x_t``:
 
 * the shared input mixes the tasks' inputs channel by channel (eq. 3),
   ``ψ_in = Σ_t softmax_t(β)[c, t] · x_t`` with ``β ∈ R^{C_in × T}`` (when all the tasks' inputs
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from branchnas.models.branched import STEM, BranchedNet
-from branchnas.models.pruning import prune_outputs
+from branchnas.models.pruning import layer_units, prune_outputs, prune_shortcut
 
 __all__ = ["GatedNet", "hard_gate", "mix_inputs", "sparsity_loss", "gate_layers"]
 
@@ -70,27 +70,6 @@ def gate_layers(block: nn.Module) -> list[nn.Module]:
     return [block]
 
 
-def gate_units(layer: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
-    """A layer cut at its gate points: ``(units, shortcut)``.
-
-    A residual block (branchnas's CIFAR block, torchvision's ``BasicBlock`` and ``Bottleneck``)
-    is cut after each conv + BatchNorm (+ ReLU), so that every conv has gates and a task that
-    opens a few channels pays for those channels only; its last unit is followed by
-    ``relu(· + shortcut(x))``. Any other layer is one unit with no shortcut. The units hold the
-    layer's own modules (not copies).
-    """
-    name = type(layer).__name__
-    if name in ("_CifarBasicBlock", "BasicBlock") and hasattr(layer, "conv2"):
-        shortcut = layer.shortcut if name == "_CifarBasicBlock" else layer.downsample
-        return ([nn.Sequential(layer.conv1, layer.bn1, nn.ReLU()), nn.Sequential(layer.conv2, layer.bn2)],
-                shortcut if shortcut is not None else nn.Identity())
-    if name == "Bottleneck" and hasattr(layer, "conv3"):
-        return ([nn.Sequential(layer.conv1, layer.bn1, nn.ReLU()), nn.Sequential(layer.conv2, layer.bn2, nn.ReLU()),
-                 nn.Sequential(layer.conv3, layer.bn3)],
-                layer.downsample if layer.downsample is not None else nn.Identity())
-    return [layer], None
-
-
 class SoloNode(nn.Module):
     """A node of one task: the plain block, on the list-in, list-out node interface."""
 
@@ -108,7 +87,8 @@ class GatedLayer(nn.Module):
     Args:
         shared: The shared copy of the layer.
         copies: One copy per task (in the node's task order).
-        channels: ``[input channels, output channels of each unit]`` (see :func:`gate_units`).
+        channels: ``[input channels, output channels of each unit]`` (see
+            :func:`branchnas.models.pruning.layer_units`).
         identical_inputs: Every task's input is the same tensor (no mixing at the first unit).
         alpha_init: Initial gate logit.
 
@@ -125,8 +105,8 @@ class GatedLayer(nn.Module):
         self.copies = nn.ModuleList(copies)
         self.identical_inputs = identical_inputs
         # Views of the layers' own modules (plain lists: not registered twice).
-        self._shared_units, self._shared_shortcut = gate_units(shared)
-        cut = [gate_units(c) for c in copies]
+        self._shared_units, self._shared_shortcut = layer_units(shared)
+        cut = [layer_units(c) for c in copies]
         self._copy_units = [u for u, _ in cut]
         self._copy_shortcuts = [sc for _, sc in cut]
         self.residual = self._shared_shortcut is not None
@@ -271,12 +251,10 @@ class PrunedLayer(nn.Module):
 
 def _prune_module(module: nn.Module, keep: Tensor, shortcut: nn.Module | None, whole: bool) -> nn.Module:
     """A unit's output channels ``keep`` as a two-input module (a residual tail with ``shortcut``)."""
-    from branchnas.models.pruning import _shortcut
-
     body = copy.deepcopy(module) if whole else prune_outputs(module, keep)
     if shortcut is None:
         return _Unit(body)
-    return _Tail(body, copy.deepcopy(shortcut) if whole else _shortcut(shortcut, keep))
+    return _Tail(body, copy.deepcopy(shortcut) if whole else prune_shortcut(shortcut, keep))
 
 
 def _prune_layer(layer: GatedLayer, identical_inputs: bool) -> tuple[PrunedLayer, bool, list[dict[str, Any]]]:
@@ -539,7 +517,7 @@ def _layer_channels(backbone: nn.Module, size: int) -> list[list[list[int]]]:
             for block in backbone.blocks:
                 per_layer = []
                 for layer in gate_layers(block):
-                    units, _ = gate_units(layer)
+                    units, _ = layer_units(layer)
                     sizes, h = [x.shape[1]], x
                     for unit in units:
                         h = unit(h)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["prune_outputs", "prunable", "Residual", "Select", "SelectAfter"]
+__all__ = ["prune_outputs", "prune_shortcut", "prunable", "layer_units", "Residual", "Select", "SelectAfter"]
 
 #: Channel-wise modules: the output channel c depends only on the input channel c.
 _CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Identity, nn.MaxPool2d,
@@ -92,7 +92,7 @@ def _bn_rows(bn: nn.BatchNorm2d, keep: Tensor) -> nn.BatchNorm2d:
     return out.to(bn.weight.device if bn.affine else bn.running_mean.device)
 
 
-def _shortcut(module: nn.Module | None, keep: Tensor) -> nn.Module:
+def prune_shortcut(module: nn.Module | None, keep: Tensor) -> nn.Module:
     """The shortcut's output channels ``keep``: a projection loses rows, anything else is sliced."""
     if module is None or isinstance(module, nn.Identity):
         return Select(keep)
@@ -102,16 +102,24 @@ def _shortcut(module: nn.Module | None, keep: Tensor) -> nn.Module:
     return SelectAfter(copy.deepcopy(module), keep)
 
 
-def _residual_parts(layer: nn.Module) -> tuple[list[nn.Module], nn.Conv2d, nn.BatchNorm2d, nn.Module | None] | None:
-    """(modules before the last conv, last conv, last BN, shortcut) of a known residual block."""
+def layer_units(layer: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """A layer cut after each conv + BatchNorm (+ ReLU): ``(units, shortcut)``.
+
+    A residual block (branchnas's CIFAR block, torchvision's ``BasicBlock`` and ``Bottleneck``)
+    is ``relu(units[-1](...units[0](x)) + shortcut(x))``; any other layer is one unit with no
+    shortcut (``None``). The units hold the layer's own modules (not copies). The gated variant
+    puts its gates after every unit.
+    """
     name = type(layer).__name__
     if name in ("_CifarBasicBlock", "BasicBlock") and hasattr(layer, "conv2"):
-        shortcut = getattr(layer, "shortcut", None) if name == "_CifarBasicBlock" else layer.downsample
-        return [layer.conv1, layer.bn1, nn.ReLU()], layer.conv2, layer.bn2, shortcut
+        shortcut = layer.shortcut if name == "_CifarBasicBlock" else layer.downsample
+        return ([nn.Sequential(layer.conv1, layer.bn1, nn.ReLU()), nn.Sequential(layer.conv2, layer.bn2)],
+                shortcut if shortcut is not None else nn.Identity())
     if name == "Bottleneck" and hasattr(layer, "conv3"):
-        return ([layer.conv1, layer.bn1, nn.ReLU(), layer.conv2, layer.bn2, nn.ReLU()],
-                layer.conv3, layer.bn3, layer.downsample)
-    return None
+        return ([nn.Sequential(layer.conv1, layer.bn1, nn.ReLU()), nn.Sequential(layer.conv2, layer.bn2, nn.ReLU()),
+                 nn.Sequential(layer.conv3, layer.bn3)],
+                layer.downsample if layer.downsample is not None else nn.Identity())
+    return [layer], None
 
 
 def _sequential_tail(layer: nn.Module) -> int | None:
@@ -129,7 +137,7 @@ def _sequential_tail(layer: nn.Module) -> int | None:
 
 def prunable(layer: nn.Module) -> bool:
     """Whether :func:`prune_outputs` really shrinks ``layer`` (else it slices its output)."""
-    return _residual_parts(layer) is not None or _sequential_tail(layer) is not None
+    return layer_units(layer)[1] is not None or _sequential_tail(layer) is not None
 
 
 def prune_outputs(layer: nn.Module, keep: Sequence[int] | Tensor) -> nn.Module:
@@ -142,11 +150,10 @@ def prune_outputs(layer: nn.Module, keep: Sequence[int] | Tensor) -> nn.Module:
     keep = torch.as_tensor(keep, dtype=torch.long).flatten()
     device = next((p.device for p in layer.parameters()), torch.device("cpu"))
     keep_dev = keep.to(device)
-    parts = _residual_parts(layer)
-    if parts is not None:
-        before, conv, bn, shortcut = parts
-        body = nn.Sequential(*[copy.deepcopy(m) for m in before], _conv_rows(conv, keep_dev), _bn_rows(bn, keep_dev))
-        return Residual(body, _shortcut(shortcut, keep_dev)).to(device)
+    units, shortcut = layer_units(layer)
+    if shortcut is not None:
+        body = nn.Sequential(*[copy.deepcopy(u) for u in units[:-1]], prune_outputs(units[-1], keep_dev))
+        return Residual(body, prune_shortcut(shortcut, keep_dev)).to(device)
     last = _sequential_tail(layer)
     if last is not None:
         modules: list[nn.Module] = [copy.deepcopy(m) for m in list(layer)[:last]]
