@@ -1,13 +1,27 @@
-"""Stage 6 library: export the fine-tuned network as a self-describing TorchScript file.
+"""Stage 6 library: export the fine-tuned network as self-describing files.
 
-The file is ``torch.jit.script(net)`` saved with one extra file, ``branchnas.json``, that
-holds what a user of the file needs and cannot see in the weights: the task names, kinds and
-output shapes, the input size, the normalisation (mean and std on the 0..1 pixel scale), the
-tree, and the branchnas version. Plain PyTorch reads it (no branchnas needed)::
+Three formats (``export.format``; several may be given):
+
+* ``torchscript``: ``model.pt``, ``torch.jit.script`` of the network (TorchScript is
+  deprecated in current torch, which warns on load; kept because it loads everywhere);
+* ``torch.export``: ``model.pt2``, an ``ExportedProgram`` with a dynamic batch dimension
+  (``torch.export.load(path).module()``);
+* ``onnx``: ``model.onnx`` from torch's current (dynamo) exporter, dynamic batch; needs the
+  ``[onnx]`` extra (onnx, onnxscript; onnxruntime for the check).
+
+Each file carries ``branchnas.json`` (an extra file; an ONNX metadata property) with what a
+user needs and cannot see in the weights: the task names, kinds and output shapes, the input
+size, the normalisation (mean and std on the 0..1 pixel scale), the tree, the fine-tuning
+variant and the branchnas version. Plain PyTorch reads it (no branchnas needed)::
 
     extra = {"branchnas.json": ""}
     model = torch.jit.load("model.pt", _extra_files=extra)
     meta = json.loads(extra["branchnas.json"])
+
+The exported network checks its input (:class:`InputChecked`): a wrong channel count or
+image size fails with a message that names the expected shape, and a floating input of
+another dtype is converted to float32 (an integer image is refused: it must be scaled and
+normalised first).
 
 Every export is checked before it is moved into place: the file is loaded in a separate
 Python process (``python -I``) in which importing branchnas is blocked, run on fixed inputs,
@@ -41,6 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMATS",
+    "FILE_NAMES",
+    "InputChecked",
     "METADATA_FILE",
     "METADATA_FORMAT",
     "build_metadata",
@@ -49,7 +65,9 @@ __all__ = [
     "check_in_clean_process",
 ]
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("torchscript", "torch.export", "onnx")
+#: The stage's file name per format.
+FILE_NAMES = {"torchscript": "model.pt", "torch.export": "model.pt2", "onnx": "model.onnx"}
 #: Name of the extra file in the TorchScript archive (and of the ONNX metadata property).
 METADATA_FILE = "branchnas.json"
 #: ``format`` field of the metadata; bump it when the layout changes.
@@ -94,6 +112,12 @@ if fmt == "torchscript":
     meta = json.loads(extra["branchnas.json"])
     with torch.no_grad():
         outputs = dict(model(inputs))
+elif fmt == "torch.export":
+    extra = {"branchnas.json": ""}
+    program = torch.export.load(model_path, extra_files=extra)
+    meta = json.loads(extra["branchnas.json"])
+    with torch.no_grad():
+        outputs = dict(program.module()(inputs))
 else:
     import onnx, onnxruntime
     proto = onnx.load(model_path)
@@ -164,7 +188,7 @@ def build_metadata(net: nn.Module, info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``branchnas.json`` metadata of an exported TorchScript file.
+    """The ``branchnas.json`` metadata of an exported file (``.pt``, ``.pt2`` or ``.onnx``).
 
     Raises:
         UserError: The file does not exist or holds no branchnas metadata.
@@ -173,9 +197,22 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise UserError(f"{path} does not exist; export a model with `branchnas export`")
     extra = {METADATA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    try:
+        if path.suffix == ".onnx":
+            import onnx
+
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            extra[METADATA_FILE] = props.get(METADATA_FILE, "")
+        elif path.suffix == ".pt2":
+            torch.export.load(str(path), extra_files=extra)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except ImportError:
+        raise UserError(f"reading {path} needs the onnx package: pip install 'branchnas[onnx]'") from None
+    except Exception as err:  # noqa: BLE001 - a foreign or damaged file, whatever torch raises
+        raise UserError(f"{path} is not a file written by `branchnas export` ({type(err).__name__})") from None
     if not extra[METADATA_FILE]:
         raise UserError(f"{path} holds no {METADATA_FILE}; it was not written by `branchnas export`")
     return json.loads(extra[METADATA_FILE])
@@ -214,7 +251,7 @@ def export_model(
         net: The network (moved to the CPU and put in eval mode).
         path: The output file.
         metadata: See :func:`build_metadata`.
-        format: ``torchscript`` or ``onnx`` (needs the ``onnx`` package).
+        format: ``torchscript``, ``torch.export`` or ``onnx`` (needs the ``[onnx]`` extra).
         check: Run the clean-process check.
         atol: Largest allowed absolute difference between the file's and the eager outputs.
 
@@ -231,13 +268,17 @@ def export_model(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = _fixed_inputs(metadata)
+    checked = InputChecked(net, metadata["input"]["channels"], metadata["input"]["height"],
+                           metadata["input"]["width"]).eval()
     if format == "onnx":
-        data = _to_onnx(net, inputs, metadata)
         if check and importlib.util.find_spec("onnxruntime") is None:
-            raise UserError("checking an ONNX export needs onnxruntime: pip install onnxruntime "
+            raise UserError("checking an ONNX export needs onnxruntime: pip install 'branchnas[onnx]' "
                             "(or --set export.check=false)")
+        data = _to_onnx(checked, inputs, metadata)
+    elif format == "torch.export":
+        data = _to_torch_export(checked, inputs, metadata)
     else:
-        data = _to_torchscript(net, metadata)
+        data = _to_torchscript(checked, metadata)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -265,22 +306,72 @@ def _to_torchscript(net: nn.Module, metadata: Mapping[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def _batch_dim() -> dict[str, Any]:
+    """The dynamic batch dimension of the image input (``x``)."""
+    return {"x": {0: torch.export.Dim("batch", min=1, max=65536)}}
+
+
+def _to_torch_export(net: nn.Module, inputs: Tensor, metadata: Mapping[str, Any]) -> bytes:
+    program = torch.export.export(_ImageOnly(net), (inputs,), dynamic_shapes=_batch_dim())
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
+    return buffer.getvalue()
+
+
 def _to_onnx(net: nn.Module, inputs: Tensor, metadata: Mapping[str, Any]) -> bytes:
     try:
         import onnx
+        import onnxscript  # noqa: F401  (torch's dynamo exporter needs it)
     except ImportError:
-        raise UserError("ONNX export needs the onnx package: pip install onnx (or use --format torchscript)") from None
+        raise UserError("ONNX export needs the onnx and onnxscript packages: pip install 'branchnas[onnx]' "
+                        "(or use --format torchscript)") from None
 
     names = list(metadata["task_names"])
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        _TupleOutputs(net, names), (inputs,), buffer, input_names=["image"], output_names=names,
-        dynamic_axes={"image": {0: "B"}, **{n: {0: "B"} for n in names}}, dynamo=False,
-    )
-    proto = onnx.load_from_string(buffer.getvalue())
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(_TupleOutputs(net, names), (inputs,), input_names=["image"], output_names=names,
+                                    dynamic_shapes=_batch_dim(), dynamo=True, verbose=False)
+    with tempfile.TemporaryDirectory(prefix="branchnas-onnx-") as tmp:
+        program.save(str(Path(tmp) / "model.onnx"))
+        proto = onnx.load(str(Path(tmp) / "model.onnx"))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_FILE, json.dumps(metadata)
     return proto.SerializeToString()
+
+
+class InputChecked(nn.Module):
+    """The network behind an input check: ``(B, channels, height, width)`` images, float32.
+
+    A wrong rank, channel count or size raises ``ValueError`` naming the expected shape and
+    where the preprocessing is described; a floating input of another dtype is converted to
+    float32; any other dtype (an 8-bit image) is refused.
+    """
+
+    def __init__(self, net: nn.Module, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.net = net
+        self.channels, self.height, self.width = int(channels), int(height), int(width)
+
+    def forward(self, x: Tensor, tasks: list[str] | None = None) -> dict[str, Tensor]:
+        expected = "(B, " + str(self.channels) + ", " + str(self.height) + ", " + str(self.width) + ")"
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.height or x.shape[3] != self.width:
+            raise ValueError("branchnas model: expected images of shape " + expected + "; got "
+                             + str(list(x.shape)) + ". Resize to the input size and normalise as branchnas.json says.")
+        if not x.is_floating_point():
+            raise ValueError("branchnas model: expected float images scaled to 0..1 and normalised with the mean "
+                             "and std in branchnas.json; got dtype " + str(x.dtype))
+        return self.net(x.to(torch.float32), tasks)
+
+
+class _ImageOnly(nn.Module):
+    """``net(x)`` with the image as the only input (torch.export and ONNX have no task list)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.net(x)
 
 
 class _TupleOutputs(nn.Module):

@@ -16,6 +16,8 @@ Artifacts in ``finetune/``:
   needs to rebuild the network without the data;
 * ``report.json``: per-task val/test metrics, the single-task baselines, per-task and mean
   Δ_MTL, params, FLOPs, the training history;
+* ``history.csv``: the training history, one row per epoch (rewritten after every epoch;
+  :mod:`branchnas.training.history`);
 * ``ckpt/``: the trainer's checkpoints, so a killed run resumes where it stopped.
 
 :func:`finetune_tree` does the work for any tree into any folder; ``branchnas compare``
@@ -267,11 +269,11 @@ def finetune_tree(
 ) -> dict[str, Any]:
     """Build, fine-tune, evaluate and measure the network of ``tree``; write it to ``out_dir``.
 
-    Writes ``out_dir/model.pt`` and ``out_dir/report.json`` (see the module docstring) and
-    keeps the trainer's checkpoints in ``out_dir/ckpt`` so that a killed run resumes. When
-    ``out_dir/report.json`` and ``out_dir/model.pt`` already exist, the saved report is
-    returned without training again (the caller clears ``out_dir`` when its inputs change,
-    as :meth:`RunDir.run_stage` does).
+    Writes ``out_dir/model.pt``, ``out_dir/report.json`` and ``out_dir/history.csv`` (see the
+    module docstring) and keeps the trainer's checkpoints in ``out_dir/ckpt`` so that a killed
+    run resumes. When ``out_dir/report.json`` and ``out_dir/model.pt`` already exist, the saved
+    report is returned without training again (the caller clears ``out_dir`` when its inputs
+    change, as :meth:`RunDir.run_stage` does); a missing ``history.csv`` is written from it.
 
     Args:
         recipe: The resolved recipe (``[finetune]`` is the training configuration).
@@ -290,15 +292,22 @@ def finetune_tree(
     from branchnas.data import load_splits
     from branchnas.tasks import delta_mtl
     from branchnas.training import Trainer, evaluate
+    from branchnas.training.history import HISTORY_CSV, write_history_csv
     from branchnas.variants import get_variant
     from branchnas.weighting import get_weighting
 
     check_variant(recipe, variant)
     variant_obj = get_variant(variant or recipe.finetune.variant, recipe)
     out_dir = Path(out_dir)
-    report_path, model_path = out_dir / "report.json", out_dir / "model.pt"
+    report_path, model_path, history_path = out_dir / "report.json", out_dir / "model.pt", out_dir / HISTORY_CSV
     if report_path.exists() and model_path.exists():
-        return json.loads(report_path.read_text())
+        done = json.loads(report_path.read_text())
+        if not history_path.exists():  # finished before the CSV was written
+            write_history_csv(history_path, (done.get("training") or {}).get("history") or [])
+        return done
+
+    def log_epoch(info: Mapping[str, Any]) -> None:
+        write_history_csv(history_path, info["history"])  # a person can follow a long run
 
     splits, tasks = splits if splits is not None else load_splits(recipe)
     baseline_test = single_task_metrics(rundir, "test")
@@ -311,9 +320,10 @@ def finetune_tree(
         checkpoint=out_dir / "ckpt", weighting=weighting, augment=recipe.data.augment, desc=desc,
         objective=build_objective(recipe, rundir, net, tasks),
         reference=baseline_val if cfg.select == "best" else None, keep_best=cfg.select == "best",
-        variant=variant_obj, callbacks=callbacks,
+        variant=variant_obj, callbacks=[log_epoch, *callbacks],
     )
     history = trainer.fit(splits["train"], splits["val"])
+    write_history_csv(history_path, history["history"])
     trained = net
     # The static network (pruned, for the gated variant) is what is evaluated, costed and saved.
     net = variant_obj.finalise(trained)

@@ -12,6 +12,8 @@ Artifacts in ``<run>/pretrain/``:
   encoder and head state dicts, the validation and test metrics, plus what
   :func:`load_single_task` needs to rebuild the model without loading data;
 * ``metrics.json``: ``{"tasks": {task: {"val": {...}, "test": {...}, "chance": {...}, ...}}}``;
+* ``history-<task>.csv``: the model's training history, one row per epoch
+  (:mod:`branchnas.training.history`; rewritten after every epoch while it trains);
 * ``ckpt/<task>.pt``: per-epoch checkpoints, so that a killed run continues where it stopped.
 
 A model whose ``<task>.pt`` exists is not trained again, so ``--tasks a,b`` trains a subset
@@ -36,6 +38,8 @@ __all__ = [
     "train_missing",
     "write_metrics",
     "task_file",
+    "history_file",
+    "write_missing_histories",
     "task_names",
     "metrics_table",
     "chance_metrics",
@@ -46,6 +50,23 @@ STAGE = "pretrain"
 
 def task_file(folder: Path, name: str) -> Path:
     return folder / f"{name}.pt"
+
+
+def history_file(folder: Path, name: str) -> Path:
+    """``history-<task>.csv``: the training history of task ``name``'s model."""
+    return folder / f"history-{name}.csv"
+
+
+def write_missing_histories(folder: Path, names: Sequence[str]) -> None:
+    """Write ``history-<task>.csv`` from ``<task>.pt`` for models trained before the CSV existed."""
+    import torch
+
+    from branchnas.training.history import write_history_csv
+
+    for name in names:
+        if task_file(folder, name).exists() and not history_file(folder, name).exists():
+            saved = torch.load(task_file(folder, name), map_location="cpu", weights_only=True)
+            write_history_csv(history_file(folder, name), saved.get("history") or [])
 
 
 def task_names(recipe: Any) -> list[str]:
@@ -84,6 +105,7 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
         return
     from branchnas.data import load_splits
     from branchnas.training import Trainer, evaluate_models
+    from branchnas.training.history import write_history_csv
 
     splits, all_tasks = load_splits(recipe)
     by_name = {t.name: t for t in all_tasks}
@@ -94,16 +116,24 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
     batch = recipe.data.batch_size
     started = time.time()
     ckpt = folder / "ckpt"
+
+    def log_epoch(info: Mapping[str, Any]) -> None:
+        # Each model's history names its one task; a person can follow a long run.
+        history = info["history"]
+        for name in history[-1]["train_loss"]:
+            write_history_csv(history_file(folder, name), history)
+
     if cfg.concurrent:
         trainer = Trainer(models, tasks, cfg, batch_size=batch, seed=recipe.seed, checkpoint=ckpt,
-                          augment=recipe.data.augment, desc=f"{STAGE} ({len(tasks)} models)", progress=progress)
+                          augment=recipe.data.augment, desc=f"{STAGE} ({len(tasks)} models)", progress=progress,
+                          callbacks=[log_epoch])
         results = trainer.fit(train, splits["val"])
     else:
         results = {}
         for t in tasks:
             trainer = Trainer({t.name: models[t.name]}, [t], cfg, batch_size=batch, seed=recipe.seed,
                               checkpoint=ckpt, augment=recipe.data.augment, desc=f"{STAGE} {t.name}",
-                              progress=progress)
+                              progress=progress, callbacks=[log_epoch])
             results.update(trainer.fit(train, splits["val"]))
     seconds = time.time() - started
     chance = chance_metrics(tasks, train, splits["test"], batch)
@@ -134,6 +164,7 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
             "history": result["history"],
             "seconds": round(seconds, 3),
         }, task_file(folder, t.name))
+        write_history_csv(history_file(folder, t.name), result["history"])
         # The finished file supersedes the per-epoch checkpoint.
         (ckpt / f"{t.name}.pt").unlink(missing_ok=True)
 

@@ -210,7 +210,9 @@ class TuneConfig:
 class ExportConfig:
     """The ``[export]`` section (stage 6)."""
 
-    format: str = field(default="torchscript", metadata=_choices("torchscript", "onnx"))
+    format: str | list[str] = field(default_factory=lambda: ["torchscript"], metadata=_choices(
+        "torchscript", "torch.export", "onnx", doc="file format, or a list of them: torchscript (model.pt), "
+        "torch.export (model.pt2), onnx (model.onnx, needs pip install 'branchnas[onnx]')"))
     output: str = field(default="", metadata=_spec("output file; empty = <run dir>/export/model.pt"))
     check: bool = field(default=True, metadata=_spec("reload in a clean process and compare with eager outputs"))
     atol: float = field(default=1e-5, metadata=_spec("largest allowed absolute difference in the check", min=0.0))
@@ -306,6 +308,12 @@ def _coerce(path: str, value: Any, annotation: Any, meta: dict[str, Any]) -> Any
         # A scalar or a table of scalars (``targets = 0.25`` or ``targets = { depth = 0.5 }``);
         # with "options", a name or a named table (``weighting = { name = "gradnorm", alpha = 1.5 }``).
         scalar, table = typing.get_args(annotation)
+        if typing.get_origin(table) is list:  # one value or a list of them (export.format)
+            items = value if isinstance(value, list) else [value]
+            if not items:
+                raise RecipeError(f"{path}: expected at least one value")
+            return [_coerce(f"{path}[{i}]" if isinstance(value, list) else path, v, scalar, meta)
+                    for i, v in enumerate(items)]
         if isinstance(value, dict) and "options" in meta:
             return _coerce_named(path, value, meta)
         if isinstance(value, dict):

@@ -20,7 +20,8 @@ from branchnas.errors import UserError
 from branchnas.rundir import RunDir, atomic_savefig, atomic_write_text
 from branchnas.tasks import format_delta
 
-__all__ = ["write_report", "summary", "plot_delta_vs_params", "affinity_findings", "resolve_run"]
+__all__ = ["write_report", "summary", "summary_data", "search_data", "plot_delta_vs_params", "affinity_findings",
+           "resolve_run"]
 
 REPORT = "report.md"
 
@@ -335,3 +336,87 @@ def summary(rundir: RunDir) -> str:
     if (root / REPORT).exists():
         lines.append(f"Report: {root / REPORT}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- as data (--json)
+
+
+def search_data(rundir: RunDir, pareto: bool = True) -> dict[str, Any]:
+    """The search result as JSON-able data (``branchnas search --json``).
+
+    The chosen tree with its clustering cost, params and FLOPs at the top; then what the
+    budget counts and its value, the search that ran, the ranked trees (``search.top``), the
+    runners-up, the all-shared and all-separate extremes and, with ``pareto``, the Pareto front.
+    """
+    from branchnas.stages import get_stage
+    from branchnas.stages.search import read_result, read_runners_up
+
+    result, extremes = read_result(rundir)
+    best = result.best
+    data: dict[str, Any] = {
+        "run_dir": str(rundir.path),
+        "tree": best.tree.to_json(),
+        "cost": best.cost,
+        "params": best.params,
+        "flops": best.flops,
+        "metric": result.metric,
+        "budget": result.budget,
+        "mode": result.mode,
+        "trees_considered": result.trees_considered,
+        "seconds": result.seconds,
+        "min_size": result.min_size,
+        "max_size": result.max_size,
+        "ranked": [scored.to_json() for scored in result.ranked],
+        "runners_up": [scored.to_json() for scored in read_runners_up(rundir)],
+        "extremes": dict(extremes),
+    }
+    if pareto:
+        data["pareto"] = [scored.to_json() for scored in result.pareto or ()]
+    stage = get_stage("search")
+    data["files"] = [str(stage.path(rundir, a.name)) for a in stage.artifacts if stage.path(rundir, a.name).exists()]
+    return data
+
+
+def summary_data(rundir: RunDir) -> dict[str, Any]:
+    """What :func:`summary` prints, as JSON-able data (``branchnas run --json``, ``report --json``).
+
+    ``tree`` (the chosen tree), ``search`` (its cost, size and the extremes), ``params`` and
+    ``flops`` (of the fine-tuned network, else of the searched tree), per-task test metrics
+    next to the single-task ones (``tasks``), ``delta_mtl`` (test; ``None`` before stage 4 or
+    when undefined), the budget check, the exported file (``export``) and ``report.md``; a key
+    whose stage has not run is ``None``.
+    """
+    root = rundir.path
+    data: dict[str, Any] = {"run_dir": str(root), "tree": None, "search": None, "params": None, "flops": None,
+                            "variant": None, "weighting": None, "tasks": None, "delta_mtl": None,
+                            "delta_mtl_val": None, "budget": None, "export": None, "report": None}
+    if _done(rundir, "search"):
+        from branchnas.stages.search import read_result
+
+        result, extremes = read_result(rundir)
+        data["tree"] = result.tree.to_json()
+        data["search"] = {"metric": result.metric, "budget": result.budget, "mode": result.mode,
+                          "cost": result.cost, "params": result.best.params, "flops": result.best.flops,
+                          "extremes": dict(extremes)}
+        data["params"], data["flops"] = result.best.params, result.best.flops
+    finetune = _finetune_report(rundir)
+    if finetune:
+        data["params"], data["flops"] = finetune["params"], finetune["flops"]
+        data["tree"] = data["tree"] or finetune.get("tree")
+        data["variant"] = finetune.get("variant", "plain")
+        data["weighting"] = finetune.get("weighting")
+        data["delta_mtl"], data["delta_mtl_val"] = finetune["delta_mtl"], finetune.get("delta_mtl_val")
+        data["budget"] = finetune.get("budget")
+        data["tasks"] = {
+            t["name"]: {"metric": t["metric"], "higher_is_better": t["higher_is_better"],
+                        "test": finetune["test"][t["name"]], "val": finetune["val"][t["name"]],
+                        "single_task": finetune["single_task"]["test"][t["name"]],
+                        "delta": finetune["delta_per_task"][t["name"]]}
+            for t in finetune["tasks"]
+        }
+    export = rundir.stage_entry("export")
+    if export and _done(rundir, "export"):
+        data["export"] = {k: export[k] for k in ("path", "format", "checked", "max_abs_diff") if k in export}
+    if (root / REPORT).exists():
+        data["report"] = str(root / REPORT)
+    return data

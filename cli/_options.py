@@ -2,12 +2,69 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import click
 
 F = Callable[..., Any]
+
+
+def json_option(f: F) -> F:
+    """``--json``: one JSON document on stdout and nothing else there."""
+    return click.option(
+        "--json", "as_json", is_flag=True,
+        help="Print one JSON document on stdout and nothing else there (messages go to stderr; "
+             "errors still exit 2 with one line on stderr).",
+    )(f)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """With ``--json``: while the command works, what it prints goes to stderr, so stdout holds only the JSON."""
+    if not enabled:
+        yield
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: NaN and infinities become ``null``, paths strings, tuples lists."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy and torch values
+        return jsonable(value.tolist())
+    if hasattr(value, "to_json"):
+        return jsonable(value.to_json())
+    return str(value)
+
+
+def emit_json(data: Any) -> None:
+    """Print ``data`` as one JSON document on stdout (strict JSON: no NaN)."""
+    import json
+
+    click.echo(json.dumps(jsonable(data), indent=2, allow_nan=False))
+
+
+def note(message: str) -> None:
+    """A progress message on stderr, left out with ``branchnas --quiet``."""
+    from branchnas.progress import is_quiet
+
+    if not is_quiet():
+        click.echo(message, err=True)
 
 
 def recipe_argument(f: F) -> F:

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import force_option, load, recipe_options, run_stage_command
+from branchnas_cli._options import (
+    emit_json,
+    force_option,
+    json_option,
+    load,
+    note,
+    recipe_options,
+    run_stage_command,
+    stdout_to_stderr,
+)
 
 
 @click.command(name="compare")
@@ -18,8 +27,9 @@ from branchnas_cli._options import force_option, load, recipe_options, run_stage
 @click.option("--weighting", "weightings", default=None, metavar="LIST|all",
               help="Also fine-tune the chosen tree with each of these loss weightings (comma-separated, or "
                    "'all'), one row each, same seeds (shortcut for --set finetune.compare_weightings=[...]).")
+@json_option
 def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_trees: int | None,
-            variants: str | None, weightings: str | None) -> None:
+            variants: str | None, weightings: str | None, as_json: bool) -> None:
     """Fine-tune and tabulate the single-task models, the all-shared network and the chosen tree.
 
     As in the paper's Tables 1 and 2: parameters, FLOPs (fvcore, one multiply-add = one
@@ -29,6 +39,10 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
     each loss weighting of --weighting, are fine-tuned here with the same settings and seeds.
     The number of fine-tunes and an estimate of their time are printed first. Writes
     compare/compare.json, compare/compare.md (and weightings.png with --weighting).
+
+    With --json: compare.json's content (tasks, split, units, random_requested, rows: one per
+    model with name, kind, partitions, params, flops, test, delta_mtl, ...) plus run_dir and
+    skipped.
     """
     from branchnas.compare import comparison_table
     from branchnas.stages.compare import read_comparison
@@ -43,9 +57,14 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
 
         names = weighting_names() if weightings.strip() == "all" else [w.strip() for w in weightings.split(",") if w.strip()]
         overrides = (*overrides, "finetune.compare_weightings=[" + ", ".join(f'"{w}"' for w in names) + "]")
-    resolved = load(recipe, overrides)
-    _say_cost(resolved)
-    rundir, _ = run_stage_command(resolved, "compare", force=force)
+    with stdout_to_stderr(as_json):
+        resolved = load(recipe, overrides)
+        _say_cost(resolved)
+        rundir, outcome = run_stage_command(resolved, "compare", force=force)
+    if as_json:
+        emit_json({"run_dir": str(rundir.path), "skipped": bool(outcome.get("skipped")),
+                   **read_comparison(rundir)})
+        return
     click.echo(comparison_table(read_comparison(rundir)))
     click.echo(f"wrote {rundir.path / 'compare' / 'compare.md'} and compare.json")
 
@@ -65,5 +84,5 @@ def _say_cost(recipe: object) -> None:
         if seconds:
             estimate = (f"; stage 4 took {seconds / 60:.1f} min here, so about {count * seconds / 60:.0f} min "
                         "(gradient-surgery weightings and the gated variant take longer)")
-    click.echo(f"compare: up to {count} fine-tunes (all-shared, random trees, variants, weightings; "
-               f"each resumes if interrupted){estimate}", err=True)
+    note(f"compare: up to {count} fine-tunes (all-shared, random trees, variants, weightings; "
+         f"each resumes if interrupted){estimate}")

@@ -6,6 +6,7 @@ import textwrap
 from typing import Any
 
 import click
+from branchnas_cli._options import emit_json, json_option
 
 
 def _value(value: Any) -> str:
@@ -66,10 +67,27 @@ def _describe(family: Any, verbose: bool) -> list[str]:
     return lines
 
 
+def _as_data(family: Any) -> dict[str, Any]:
+    """One family as JSON-able data (``--json``)."""
+    defaults = {t.target or t.name for t in family.default_tasks()}
+    return {
+        "name": family.name,
+        "summary": family.summary,
+        "needs_root": bool(family.needs_root),
+        "layout": family.layout if family.needs_root else None,
+        "targets": [{"name": name, "kind": spec.kind, "num_classes": spec.num_classes, "channels": spec.channels,
+                     "description": spec.description, "default": name in defaults}
+                    for name, spec in family.targets().items()],
+        "options": [{"name": option, "default": default, "doc": doc}
+                    for option, default, doc in family.describe_options()],
+    }
+
+
 @click.command(name="datasets")
 @click.argument("name", required=False)
 @click.option("--all", "verbose", is_flag=True, help="List every target one per line, also for families with many.")
-def command(name: str | None, verbose: bool) -> None:
+@json_option
+def command(name: str | None, verbose: bool, as_json: bool) -> None:
     """List the dataset families, or describe family NAME.
 
     For each family: what it is, whether it reads files from data.root (and which), its
@@ -81,10 +99,17 @@ def command(name: str | None, verbose: bool) -> None:
       [data]
       dataset = "digits"
       options = { scale = 2 }
+
+    With --json: {families: [{name, summary, needs_root, layout, targets: [{name, kind,
+    num_classes, channels, description, default}], options: [{name, default, doc}]}]}, every
+    target listed.
     """
     from branchnas.data import get_family, list_families
 
     names = [get_family(name).name] if name else list_families()
+    if as_json:
+        emit_json({"families": [_as_data(get_family(n)) for n in names]})
+        return
     blocks = ["\n".join(_describe(get_family(n), verbose or bool(name))) for n in names]
     if not name:
         click.echo("Dataset families ([data] dataset = NAME); `branchnas datasets NAME` shows one.\n")

@@ -1,4 +1,4 @@
-"""`branchnas export`: stage 6, the fine-tuned network as a checked TorchScript or ONNX file."""
+"""`branchnas export`: stage 6, the fine-tuned network as checked TorchScript, torch.export or ONNX files."""
 
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ from branchnas_cli._options import force_option, set_option
 @click.argument("source", required=False, metavar="[RUN_OR_RECIPE]", type=click.Path())
 @set_option
 @force_option
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), default=None,
-              help="File format (default: the recipe's export.format, torchscript). ONNX needs `pip install onnx`.")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "torch.export", "onnx"]), multiple=True,
+              help="File format, repeatable (default: the recipe's export.format, torchscript): torchscript "
+                   "(model.pt), torch.export (model.pt2), onnx (model.onnx; pip install 'branchnas[onnx]').")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Write the export to this file instead; the run's own export/ is left as it is.")
-def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: str | None, output: str | None) -> None:
+def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: tuple[str, ...],
+            output: str | None) -> None:
     """Export the fine-tuned network with its task names and preprocessing as metadata.
 
     RUN_OR_RECIPE is a run directory (holding recipe.toml) or a recipe file; default
     ./branchnas.toml, else the built-in default recipe. Earlier stages run first if they are
     not done. The file is reloaded in a separate Python process that cannot import
     branchnas and must reproduce the eager outputs within export.atol, or nothing is
-    written. See docs/exported-model.md for using the file from plain PyTorch.
+    written. --format may be given several times (one file each). See docs/exported-model.md
+    for using the files from plain PyTorch.
     """
     from branchnas.errors import UserError
     from branchnas.pipeline import run_stages
@@ -31,8 +34,8 @@ def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: st
     from branchnas.rundir import RunDir
     from branchnas.stages.export import check_export, export_to
 
-    if fmt is not None:
-        overrides = (*overrides, f"export.format={fmt}")
+    if fmt:
+        overrides = (*overrides, "export.format=[" + ", ".join(f'"{f}"' for f in fmt) + "]")
     rundir = None
     if source is not None and Path(source).is_dir():
         recipe_file = Path(source) / "recipe.toml"
@@ -52,7 +55,9 @@ def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: st
         result = results["export"]
         if result.get("skipped"):
             click.echo("export: already done with these inputs (use --force to redo)")
-    diffs = result.get("max_abs_diff") or {}
-    check = (f"checked in a clean process without branchnas: max |diff| {max(diffs.values(), default=0.0):.2g} "
-             f"<= {resolved.export.atol:g}") if result.get("checked") else "not checked (export.check = false)"
-    click.echo(f"wrote {result['path']} ({result['format']}); {check}")
+    files = result.get("formats") or {result["format"]: result}
+    for name, entry in files.items():
+        diffs = entry.get("max_abs_diff") or {}
+        check = (f"checked in a clean process without branchnas: max |diff| {max(diffs.values(), default=0.0):.2g} "
+                 f"<= {resolved.export.atol:g}") if entry.get("checked") else "not checked (export.check = false)"
+        click.echo(f"wrote {entry['path']} ({name}); {check}")

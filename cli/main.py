@@ -77,7 +77,10 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="branchnas")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
-def cli(debug: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars and no progress messages on stderr (errors are still shown). "
+                   "Progress bars are drawn only when stderr is a terminal anyway.")
+def cli(debug: bool, quiet: bool) -> None:
     """branchnas: decide which encoder layers your vision tasks should share.
 
     Give it tasks that share one image encoder and a parameter or FLOP budget. It trains
@@ -89,8 +92,14 @@ def cli(debug: bool) -> None:
       branchnas run                      the whole pipeline on the default recipe
       branchnas search --budget 800k     the best tree within 800k parameters
       branchnas recipe > my.toml         a recipe to edit
+
+    run, search, compare, report, datasets, tasks and backbones take --json: one JSON
+    document on stdout, for scripts.
     """
+    from branchnas.progress import set_quiet
+
     _state["debug"] = debug
+    set_quiet(quiet)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import load, recipe_options
+from branchnas_cli._options import (
+    emit_json,
+    json_option,
+    load,
+    note,
+    recipe_options,
+    stdout_to_stderr,
+)
 
 
 class _StageChoice(click.Choice):
@@ -21,7 +28,8 @@ class _StageChoice(click.Choice):
 @click.option("--from", "start", type=_StageChoice(), help="Redo this stage and every later one.")
 @click.option("--budget", help="Shortcut for --set search.budget=... (e.g. 1M, 500k).")
 @click.option("--force", is_flag=True, help="Redo every stage.")
-def command(recipe, overrides, until, start, budget, force):  # noqa: ANN001
+@json_option
+def command(recipe, overrides, until, start, budget, force, as_json):  # noqa: ANN001
     """Run every stage of the pipeline, then write the report.
 
     The stages and their order come from their declared dependencies: pretrain → affinity →
@@ -31,16 +39,28 @@ def command(recipe, overrides, until, start, budget, force):  # noqa: ANN001
     skips finished stages, a killed run resumes where it stopped, and a failed stage leaves
     the previous outputs as they were. The run directory gets report.md with the figures;
     `branchnas report` prints it again.
+
+    With --json: {run_dir, stages: {stage: {status, skipped, seconds, outputs}}, summary:
+    {tree, search, params, flops, variant, weighting, tasks: {task: {metric, test, val,
+    single_task, delta}}, delta_mtl, delta_mtl_val, budget, export, report}}; a stage that
+    did not run leaves its keys null.
     """
     from branchnas.pipeline import run_pipeline
-    from branchnas.report import summary, write_report
+    from branchnas.report import summary, summary_data, write_report
 
     sets = list(overrides) + ([f'search.budget="{budget}"'] if budget else [])
-    resolved = load(recipe, tuple(sets))
-    click.echo(f"run directory: {resolved.run_dir}", err=True)
-    rundir, results = run_pipeline(resolved, start=start, until=until, force=force)
-    skipped = [name for name, result in results.items() if result.get("skipped")]
-    if skipped:
-        click.echo(f"(unchanged, skipped: {', '.join(skipped)})", err=True)
-    write_report(rundir)
+    with stdout_to_stderr(as_json):
+        resolved = load(recipe, tuple(sets))
+        note(f"run directory: {resolved.run_dir}")
+        rundir, results = run_pipeline(resolved, start=start, until=until, force=force)
+        skipped = [name for name, result in results.items() if result.get("skipped")]
+        if skipped:
+            note(f"(unchanged, skipped: {', '.join(skipped)})")
+        write_report(rundir)
+    if as_json:
+        stages = {name: {"status": result.get("status"), "skipped": bool(result.get("skipped")),
+                         "seconds": result.get("seconds"), "outputs": list(result.get("outputs", []))}
+                  for name, result in results.items()}
+        emit_json({"run_dir": str(rundir.path), "stages": stages, "summary": summary_data(rundir)})
+        return
     click.echo(summary(rundir))

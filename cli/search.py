@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import click
-from branchnas_cli._options import force_option, load, recipe_options, run_stage_command
+from branchnas_cli._options import (
+    emit_json,
+    force_option,
+    json_option,
+    load,
+    recipe_options,
+    run_stage_command,
+    stdout_to_stderr,
+)
 
 
 @click.command(name="search")
@@ -16,13 +24,18 @@ from branchnas_cli._options import force_option, load, recipe_options, run_stage
               help="Search on this affinity .npz instead of running pretrain and affinity.")
 @click.option("--pareto/--no-pareto", default=True, help="Print the Pareto front (best cost at every budget).")
 @force_option
-def command(recipe, overrides, budget, metric, mode, top, affinity_file, pareto, force):  # noqa: ANN001
+@json_option
+def command(recipe, overrides, budget, metric, mode, top, affinity_file, pareto, force, as_json):  # noqa: ANN001
     """Find the branched architecture with the least task clustering cost within a budget.
 
     Loads the affinity tensor (running pretrain and affinity first if needed, or reading
     --affinity FILE with no training at all), measures every block with fvcore, and prints
     the chosen tree with its params, FLOPs and cost next to the all-shared and all-separate
     extremes. Writes search/tree.json, search/pareto.json and PNGs into the run directory.
+
+    With --json: {run_dir, skipped, tree, cost, params, flops, metric, budget, mode,
+    trees_considered, seconds, min_size, max_size, ranked, runners_up, extremes, pareto,
+    files}; tree is the chosen tree (tasks, points, partitions, groups_per_point).
 
     \b
     Examples:
@@ -38,9 +51,16 @@ def command(recipe, overrides, budget, metric, mode, top, affinity_file, pareto,
     for key, value in (("budget", budget), ("metric", metric), ("mode", mode), ("top", top)):
         if value is not None:
             sets.append(f"search.{key}={value!s}" if key != "budget" else f'search.budget="{value}"')
-    resolved = load(recipe, tuple(sets))
-    options = {"affinity_file": affinity_file} if affinity_file else {}
-    rundir, outcome = run_stage_command(resolved, "search", force=force, options=options)
+    with stdout_to_stderr(as_json):
+        resolved = load(recipe, tuple(sets))
+        options = {"affinity_file": affinity_file} if affinity_file else {}
+        rundir, outcome = run_stage_command(resolved, "search", force=force, options=options)
+    if as_json:
+        from branchnas.report import search_data
+
+        emit_json({"run_dir": str(rundir.path), "skipped": bool(outcome.get("skipped")),
+                   **search_data(rundir, pareto=pareto)})
+        return
     result, extremes = read_result(rundir)
     click.echo(format_result(result))
     click.echo("")

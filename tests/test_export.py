@@ -110,14 +110,73 @@ def test_a_corrupted_file_fails_loudly(tmp_path, net_and_info, monkeypatch):
     assert not (tmp_path / "model.pt").exists()
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("onnx") is not None, reason="onnx is installed")
-def test_onnx_without_the_package_says_what_to_install(tmp_path, net_and_info):
+def test_onnx_without_the_package_says_what_to_install(tmp_path, net_and_info, monkeypatch):
+    import sys
+
     net, info = net_and_info
-    with pytest.raises(UserError, match="pip install onnx"):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r"pip install 'branchnas\[onnx\]'"):
         export.export_model(net, tmp_path / "model.onnx", export.build_metadata(net, info), format="onnx")
+    assert not (tmp_path / "model.onnx").exists()
 
 
 def test_unknown_format_lists_the_choices(tmp_path, net_and_info):
     net, info = net_and_info
-    with pytest.raises(UserError, match="choose one of: onnx, torchscript"):
+    with pytest.raises(UserError, match="choose one of: onnx, torch.export, torchscript"):
         export.export_model(net, tmp_path / "m", export.build_metadata(net, info), format="tflite")
+
+
+# --------------------------------------------------------------------------- every format
+
+
+def _reload(path, fmt):
+    """Load an export as plain torch / onnxruntime would; a callable on a batch of images."""
+    if fmt == "torchscript":
+        model = torch.jit.load(str(path))
+        return lambda x: dict(model(x))
+    if fmt == "torch.export":
+        module = torch.export.load(str(path)).module()
+        return lambda x: dict(module(x))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda x: {n: torch.from_numpy(v) for n, v in zip(names, session.run(None, {"image": x.numpy()}), strict=True)}
+
+
+@pytest.mark.parametrize(("fmt", "atol"), [("torchscript", 1e-5), ("torch.export", 1e-5), ("onnx", 1e-4)])
+def test_every_format_reloads_without_branchnas_and_matches_eager_at_any_batch(tmp_path, net_and_info, fmt, atol):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    net, info = net_and_info
+    path = tmp_path / export.FILE_NAMES[fmt]
+    result = export.export_model(net, path, export.build_metadata(net, info), format=fmt, atol=atol)
+    assert result["checked"] and max(result["max_abs_diff"].values()) <= atol  # `python -I`, branchnas blocked
+    run = _reload(path, fmt)
+    for batch in (1, 5):  # the batch dimension is dynamic in every format
+        x = torch.randn(batch, 3, *SIZE)
+        with torch.no_grad():
+            eager, loaded = net(x), run(x)
+        for task in ("shape", "seg"):
+            torch.testing.assert_close(loaded[task], eager[task], rtol=0, atol=atol)
+    meta = export.read_metadata(path)
+    assert meta["variant"] == "plain" and meta["task_names"] == ["shape", "seg"]
+
+
+def test_the_exported_model_checks_its_input(tmp_path, net_and_info):
+    net, info = net_and_info
+    path = tmp_path / "model.pt"
+    export.export_model(net, path, export.build_metadata(net, info))
+    model = torch.jit.load(str(path))
+    for bad in (torch.randn(2, 3, 20, 16), torch.randn(2, 1, *SIZE), torch.randn(3, *SIZE)):
+        with pytest.raises(Exception, match=r"expected images of shape \(B, 3, 16, 16\)"):
+            model(bad)
+    with pytest.raises(Exception, match="expected float images"):
+        model(torch.zeros(2, 3, *SIZE, dtype=torch.uint8))
+    x = torch.randn(2, 3, *SIZE, dtype=torch.float64)  # converted to float32, not a cryptic dtype error
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)["seg"], net(x.float())["seg"], rtol=0, atol=1e-5)
+    export.export_model(net, tmp_path / "model.pt2", export.build_metadata(net, info), format="torch.export")
+    module = torch.export.load(str(tmp_path / "model.pt2")).module()
+    with pytest.raises(Exception, match=r"x.size\(\)\[2\] == 16"):  # torch.export's own shape guard
+        module(torch.randn(2, 3, 20, 16))

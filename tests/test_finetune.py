@@ -108,8 +108,14 @@ def test_finetune_writes_the_report_and_a_rebuildable_model(run):
     recipe, rundir, result = run
     folder = rundir.path / "finetune"
     assert not result["skipped"]
-    assert sorted(result["outputs"]) == ["finetune/model.pt", "finetune/report.json"]
+    assert sorted(result["outputs"]) == ["finetune/history.csv", "finetune/model.pt", "finetune/report.json"]
     report = json.loads((folder / "report.json").read_text())
+    # The training history as CSV: one row per epoch, the report's values.
+    from branchnas.training.history import read_history_csv
+
+    rows = read_history_csv(folder / "history.csv")
+    assert [r["epoch"] for r in rows] == [h["epoch"] for h in report["training"]["history"]]
+    assert [r["train_loss/shape"] for r in rows] == [h["train_loss"]["shape"] for h in report["training"]["history"]]
     tasks = tasks_of(report)
     assert [t.name for t in tasks] == ["shape", "colour", "segmentation"]
     # Δ_MTL is recomputed from the files alone: the report's test metrics and stage 1's.
@@ -309,3 +315,22 @@ def test_cli_export_from_a_run_directory(run, tmp_path):
     assert result.exit_code == 0, result.output
     assert target.exists() and "checked in a clean process without branchnas" in result.output
     assert export.read_metadata(target)["task_names"] == ["shape", "colour", "segmentation"]
+
+
+@pytest.mark.slow
+def test_export_stage_writes_every_format_asked_for(run):
+    recipe, rundir, _ = run
+    recipe = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", 'export.format=["torchscript", "torch.export", "onnx"]'))
+    result = run_stage(recipe, rundir, "export")
+    assert list(result["formats"]) == ["torchscript", "torch.export", "onnx"]
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        eager = load_finetuned(rundir)(x)
+    program = torch.export.load(str(rundir.path / "export" / "model.pt2")).module()
+    for entry in result["formats"].values():
+        assert entry["checked"] and max(entry["max_abs_diff"].values()) <= recipe.export.atol
+        assert export.read_metadata(entry["path"])["task_names"] == ["shape", "colour", "segmentation"]
+    for name, value in program(x).items():
+        torch.testing.assert_close(value, eager[name], rtol=0, atol=1e-5)
+    assert sorted(p.name for p in (rundir.path / "export").iterdir()) == ["model.onnx", "model.pt", "model.pt2"]
+    run_stage(load_recipe(None, tiny_overrides(rundir.path.parent, "tiny")), rundir, "export")  # as the others expect

@@ -59,6 +59,15 @@ def test_stage_writes_models_and_metrics(tmp_path):
     folder = rundir.path / "pretrain"
     assert sorted(p.name for p in folder.glob("*.pt")) == ["depth.pt", "floor.pt", "shape.pt"]
     assert not (folder / "ckpt").exists()  # per-epoch checkpoints go once the models are written
+    # Each model's training history as CSV, one row per epoch, declared in the stage's outputs.
+    from branchnas.training.history import read_history_csv
+
+    for name in ("depth", "floor", "shape"):
+        assert f"pretrain/history-{name}.csv" in result["outputs"]
+        history = torch.load(folder / f"{name}.pt", weights_only=True)["history"]
+        rows = read_history_csv(folder / f"history-{name}.csv")
+        assert [r["epoch"] for r in rows] == [h["epoch"] for h in history]
+        assert [r[f"train_loss/{name}"] for r in rows] == [h["train_loss"][name] for h in history]
     written = json.loads((folder / "metrics.json").read_text())
     metrics = written["tasks"]
     assert list(metrics) == ["shape", "depth", "floor"]
@@ -88,6 +97,12 @@ def test_rerun_skips_and_force_retrains(tmp_path):
     assert (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns == stamp
     assert not run_pretrain(recipe, rundir, force=True, progress=False)["skipped"]
     assert (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns != stamp
+    # A lost history CSV is an output gone missing: it is written again from the model, untrained.
+    csv_path = rundir.path / "pretrain" / "history-shape.csv"
+    kept, stamp = csv_path.read_text(), (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns
+    csv_path.unlink()
+    assert not run_pretrain(recipe, rundir, progress=False)["skipped"]
+    assert csv_path.read_text() == kept and (rundir.path / "pretrain" / "shape.pt").stat().st_mtime_ns == stamp
 
 
 def test_task_subset_then_the_rest(tmp_path):

@@ -157,8 +157,6 @@ RECIPE_ONLY = [
     (["data.dataset=celeba", "data.root=/no/such/folder"], "data.root"),
     (["out=/proc/x"], "virtual file system"),
 ]
-if importlib.util.find_spec("onnx") is None:
-    RECIPE_ONLY.append((["export.format=onnx"], "pip install onnx"))
 
 
 @pytest.mark.parametrize(("overrides", "words"), RECIPE_ONLY, ids=[o[0][-1][:30] for o in RECIPE_ONLY])
@@ -207,14 +205,32 @@ def test_the_default_recipe_passes_its_checks(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------- refusals leave outputs alone
 
 
+def _hide_onnx(monkeypatch):
+    """As if the [onnx] extra were not installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name.split(".")[0] in ("onnx", "onnxruntime", "onnxscript")
+                        else real(name, *a, **k))
+
+
+def test_onnx_without_its_extra_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _hide_onnx(monkeypatch)
+    base = sets([f"out={json.dumps(str(tmp_path / 'runs'))}", "export.format=onnx"])
+    for command in ("recipe", "run"):
+        code, output = cli(capsys, command, *(["--check"] if command == "recipe" else []), *base)
+        assert_refused(code, output, "pip install 'branchnas[onnx]'")
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is not None, reason="onnx is installed here")
-def test_export_to_onnx_without_onnx_retrains_nothing_and_keeps_the_export(run, capsys):
+def test_export_to_onnx_without_onnx_retrains_nothing_and_keeps_the_export(run, capsys, monkeypatch):
     recipe, rundir, overrides = run
+    _hide_onnx(monkeypatch)
     before = snapshot(rundir.path)
     # finetune.lr changed: the fine-tune is stale, but the check refuses before retraining it.
     code, output = cli(capsys, "export", *sets([*overrides, "finetune.lr=0.5"]), "--format", "onnx")
-    assert_refused(code, output, "pip install onnx")
+    assert_refused(code, output, "pip install 'branchnas[onnx]'")
     assert snapshot(rundir.path) == before
 
 

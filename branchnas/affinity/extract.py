@@ -149,7 +149,8 @@ def extract_rdms(
         device: where to run (default: CPU); the backbones are moved there in place.
         max_memory: bytes of features kept per pass; less means more passes.
         names: task names for error messages (default: ``task0``, ...).
-        progress: show a progress bar.
+        progress: show a progress bar (only on a terminal, see
+            :func:`branchnas.progress.show_progress`).
 
     Returns:
         ``(N, D, K, K)`` float64 on the CPU.
@@ -281,7 +282,9 @@ def _run_pass(
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    from branchnas.progress import show_progress
+
+    return tqdm(total=total, desc=desc, disable=not show_progress(enabled), leave=False)
 
 
 def _point_names(backbone: Any) -> list[str]:

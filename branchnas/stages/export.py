@@ -1,10 +1,10 @@
-"""Stage 6, ``export``: the fine-tuned network as a checked, self-describing file.
+"""Stage 6, ``export``: the fine-tuned network as checked, self-describing files.
 
-The work is :func:`branchnas.export.export_model`. The stage writes ``export/model.pt``
-(TorchScript) or ``export/model.onnx`` into its own folder, swapped in only once the file has
-been reloaded in a clean process and matched the eager model. ``export.output`` (or
-``branchnas export -o FILE``) writes a further copy elsewhere; that never touches the stage's
-own file (:func:`export_to`).
+The work is :func:`branchnas.export.export_model`. The stage writes one file per format of
+``export.format`` into its own folder (``model.pt`` TorchScript, ``model.pt2`` torch.export,
+``model.onnx``), swapped in only once every file has been reloaded in a clean process and
+matched the eager model. ``export.output`` (or ``branchnas export -o FILE``) writes a further
+copy of the first format elsewhere; that never touches the stage's own files (:func:`export_to`).
 """
 
 from __future__ import annotations
@@ -17,36 +17,48 @@ from typing import Any
 from branchnas.errors import UserError, unknown_choice
 from branchnas.stages._base import Artifact, Stage, StageContext, register_stage
 
-__all__ = ["ExportStage", "export_to", "file_name", "check_export"]
+__all__ = ["ExportStage", "export_to", "file_name", "check_export", "export_formats"]
 
 
 def file_name(fmt: str) -> str:
     """The stage's file for format ``fmt``."""
-    return "model.onnx" if fmt == "onnx" else "model.pt"
+    from branchnas.export import FILE_NAMES
+
+    return FILE_NAMES[fmt]
+
+
+def export_formats(recipe: Any) -> list[str]:
+    """``export.format`` as a list (one format or several)."""
+    fmt = recipe.export.format
+    return [fmt] if isinstance(fmt, str) else list(fmt)
 
 
 def check_export(recipe: Any, fmt: str | None = None) -> None:
-    """The format is known and its packages are installed (checked before any training)."""
+    """The formats are known and their packages are installed (checked before any training)."""
     from branchnas.export import FORMATS
     from branchnas.stages._checks import check_package
 
-    fmt = fmt or recipe.export.format
-    if fmt not in FORMATS:
-        raise UserError(unknown_choice("export format", fmt, FORMATS))
-    if fmt == "onnx":
-        check_package("onnx", "export.format = 'onnx'", "pip install onnx, or use --format torchscript")
-        if recipe.export.check:
-            check_package("onnxruntime", "checking an ONNX export", "pip install onnxruntime, or --set export.check=false")
+    for one in [fmt] if fmt else export_formats(recipe):
+        if one not in FORMATS:
+            raise UserError(unknown_choice("export format", one, FORMATS))
+        if one == "onnx":
+            fix = "pip install 'branchnas[onnx]', or use --format torchscript"
+            check_package("onnx", "export.format = 'onnx'", fix)
+            check_package("onnxscript", "export.format = 'onnx' (torch's ONNX exporter)", fix)
+            if recipe.export.check:
+                check_package("onnxruntime", "checking an ONNX export",
+                              "pip install 'branchnas[onnx]', or --set export.check=false")
 
 
 @register_stage
 class ExportStage(Stage):
     name = "export"
-    summary = "Stage 6: export the fine-tuned network (TorchScript or ONNX), checked in a clean process."
+    summary = "Stage 6: export the fine-tuned network (TorchScript, torch.export, ONNX), checked in a clean process."
     requires = ("finetune",)
     artifacts = (
         Artifact("model.pt", "TorchScript with branchnas.json metadata (task names, preprocessing, tree)"),
-        Artifact("model.onnx", "ONNX with the same metadata as a model property"),
+        Artifact("model.pt2", "torch.export ExportedProgram (dynamic batch) with the same metadata as an extra file"),
+        Artifact("model.onnx", "ONNX (dynamic batch) with the same metadata as a model property"),
     )
 
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,12 +70,19 @@ class ExportStage(Stage):
             _check_target(Path(recipe.export.output))
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        name = file_name(ctx.recipe.export.format)
-        result = export_to(ctx.recipe, ctx.rundir, ctx.folder / name)
-        extras = {"outputs": [name], "format": result["format"], "max_abs_diff": result["max_abs_diff"],
-                  "checked": result["checked"], "path": str((ctx.rundir.path / self.name / name).resolve())}
+        formats = export_formats(ctx.recipe)
+        files = {}
+        for fmt in formats:
+            name = file_name(fmt)
+            result = export_to(ctx.recipe, ctx.rundir, ctx.folder / name, fmt)
+            files[fmt] = {"path": str((ctx.rundir.path / self.name / name).resolve()),
+                          "max_abs_diff": result["max_abs_diff"], "checked": result["checked"]}
+        first = files[formats[0]]
+        # The first format's fields at the top level, as before several formats existed.
+        extras = {"outputs": [file_name(f) for f in formats], "format": formats[0], "path": first["path"],
+                  "max_abs_diff": first["max_abs_diff"], "checked": first["checked"], "formats": files}
         if ctx.recipe.export.output:
-            copy = export_to(ctx.recipe, ctx.rundir, Path(ctx.recipe.export.output))
+            copy = export_to(ctx.recipe, ctx.rundir, Path(ctx.recipe.export.output), formats[0])
             extras["copy"] = copy["path"]
         return extras
 
@@ -104,7 +123,7 @@ def export_to(recipe: Any, rundir: Any, path: str | Path, fmt: str | None = None
     from branchnas.finetune import load_checkpoint_info
     from branchnas.stages.finetune import load_finetuned, model_path
 
-    fmt = fmt or recipe.export.format
+    fmt = fmt or export_formats(recipe)[0]
     check_export(recipe, fmt)
     path = Path(path)
     _check_target(path)

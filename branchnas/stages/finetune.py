@@ -7,7 +7,8 @@ network whose tree is unchanged.
 
 Artifacts in ``finetune/``: ``model.pt`` (weights plus everything needed to rebuild the
 network without the data), ``report.json`` (per-task metrics, baselines, Δ_MTL, size, the
-budget check) and, for the gated variant, ``gates.png``.
+budget check), ``history.csv`` (the training history, one row per epoch) and, for the gated
+variant, ``gates.png``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class FinetuneStage(Stage):
         Artifact("model.pt", "the fine-tuned network: weights, tree, tasks, preprocessing"),
         Artifact("report.json", "per-task val/test metrics, single-task baselines, Δ_MTL, params, FLOPs, budget check"),
         Artifact("gates.png", "gated variant: heatmap of each task's task-specific channels per shared node"),
+        Artifact("history.csv", "the training history, one row per epoch: lr, time, train losses, val metrics"),
     )
 
     def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -81,6 +83,7 @@ class FinetuneStage(Stage):
 
         report = finetune_tree(ctx.recipe, ctx.rundir, read_tree(ctx.rundir), ctx.folder, desc="finetune")
         outputs = ["model.pt", "report.json"] + (["gates.png"] if "gates" in report else [])
+        outputs += ["history.csv"] if (ctx.folder / "history.csv").exists() else []
         return {"outputs": outputs, "delta_mtl": report["delta_mtl"], "variant": report["variant"],
                 "params": report["params"], "flops": report["flops"],
                 "within_budget": (report.get("budget") or {}).get("within")}

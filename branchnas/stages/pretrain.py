@@ -1,8 +1,8 @@
 """Stage 1, ``pretrain``: one single-task model per task (the training is :mod:`branchnas.pretrain`).
 
 Artifacts in ``pretrain/``: ``<task>.pt`` (encoder and head weights, val/test metrics and what
-:func:`load_single_task` needs to rebuild the model) and ``metrics.json`` (the single-task
-baselines of Δ_MTL). Options: ``tasks`` trains a subset; the stage is done once every task is.
+:func:`load_single_task` needs to rebuild the model), ``metrics.json`` (the single-task
+baselines of Δ_MTL) and ``history-<task>.csv`` (each model's training, one row per epoch). Options: ``tasks`` trains a subset; the stage is done once every task is.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class PretrainStage(Stage):
     artifacts = (
         Artifact("*.pt", "one trained single-task model per task: encoder, head, metrics"),
         Artifact("metrics.json", "per task: val/test metrics, chance level, kept epoch (the Δ_MTL baselines)"),
+        Artifact("history-*.csv", "per task: the training history, one row per epoch: lr, time, loss, val metrics"),
     )
 
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,11 +59,18 @@ class PretrainStage(Stage):
         tasks = options.get("tasks")
         if not tasks:
             return None
-        retrain = {f"{self.name}/{t}.pt" for t in tasks}
+        retrain = {f"{self.name}/{t}.pt" for t in tasks} | {f"{self.name}/history-{t}.csv" for t in tasks}
         return lambda out: out not in retrain and not out.endswith("metrics.json")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from branchnas.pretrain import task_file, task_names, train_missing, write_metrics
+        from branchnas.pretrain import (
+            history_file,
+            task_file,
+            task_names,
+            train_missing,
+            write_metrics,
+            write_missing_histories,
+        )
 
         names = task_names(ctx.recipe)
         selected = select_tasks(names, ctx.options.get("tasks"))
@@ -70,11 +78,13 @@ class PretrainStage(Stage):
         done = [n for n in names if task_file(ctx.folder, n).exists()]
         missing = [n for n in names if n not in done]
         write_metrics(ctx.folder, done)
+        write_missing_histories(ctx.folder, done)
         ckpt = ctx.folder / "ckpt"
         if not missing and ckpt.is_dir() and not any(ckpt.iterdir()):
             ckpt.rmdir()
-        return {"outputs": [f"{n}.pt" for n in done] + ["metrics.json"], "tasks": done, "missing": missing,
-                "partial": bool(missing)}
+        histories = [history_file(ctx.folder, n).name for n in done if history_file(ctx.folder, n).exists()]
+        return {"outputs": [f"{n}.pt" for n in done] + ["metrics.json"] + histories, "tasks": done,
+                "missing": missing, "partial": bool(missing)}
 
 
 def _check_backbone(recipe: Any) -> None:

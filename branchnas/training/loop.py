@@ -78,7 +78,8 @@ class Trainer:
         augment: Random horizontal flips of the training batches.
         desc: Label of the progress bar.
         concurrent: How several models run: ``auto``, ``shared`` or ``stacked``.
-        progress: Show a progress bar (stderr).
+        progress: Show a progress bar (stderr); drawn only where
+            :func:`branchnas.progress.show_progress` allows it (a terminal, not ``--quiet``).
         on_step: Called after every optimizer step with ``{"epoch", "batch", "step"}``
             (0-based epoch and batch, 1-based step); a hook for tests and monitors.
         objective: One model only: called as ``objective(images, outputs, losses, targets,
@@ -255,6 +256,8 @@ class Trainer:
         """
         from tqdm.auto import tqdm
 
+        from branchnas.progress import show_progress
+
         self._resume()
         epochs = int(self.cfg.epochs)
         steps_per_epoch = _num_batches(len(train), self.batch_size)
@@ -264,7 +267,7 @@ class Trainer:
         start = min((m.epoch for m in pending), default=epochs)
         with _kernel_settings(self.device):
             bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=self.desc, unit="batch",
-                       disable=not self.progress, dynamic_ncols=True, leave=True, mininterval=0.5)
+                       disable=not show_progress(self.progress), dynamic_ncols=True, leave=True, mininterval=0.5)
             try:
                 for epoch in range(start, epochs):
                     group = [m for m in self.members if not m.done(epochs) and m.epoch == epoch]
