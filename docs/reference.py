@@ -265,7 +265,7 @@ def recipe_reference_markdown() -> str:
         "`--set tasks[0].weight=2` changes an entry of a recipe that lists `[[tasks]]`, while "
         "the default recipe lists none and takes the dataset's tasks, so there give the whole "
         "list: `--set 'tasks=[{name=\"shape\", kind=\"classification\", weight=2}, "
-        "{name=\"colour\", kind=\"classification\"}]'`). "
+        "{name=\"colour\", kind=\"classification\"}, {name=\"count\", kind=\"classification\"}]'`). "
         "Tables merge key by key, while a `[[tasks]]` list "
         "replaces the default one whole. The resolved recipe is saved as `recipe.toml` in the "
         "run directory; `branchnas recipe` prints it and `branchnas recipe --check FILE` "
