@@ -23,6 +23,14 @@ own (scripted, same batch, in the same rounds) and predicts each speed-up from t
 network that matches the latency prediction has no overhead of its own; the gap between the
 two predictions is what FLOPs miss.
 
+Latency table check (``--trees K``, default 5; 0 skips it): measures the per-part latency
+table with the library (:func:`branchnas.latency.measure_parts`, the table that
+``search.metric = "latency"`` and ``branchnas profile`` use), then builds and exports the
+chosen tree and K random trees (:func:`branchnas.compare.random_chain`, distinct, not the
+chosen one), times them in the same interleaved rounds as the parts, and prints per tree the latency per image
+predicted from the table, the measured one and their ratio; the target is within 10% for
+every tree.
+
 Weights are random unless ``--run`` names a finished run (speed does not depend on them).
 The tree is ``--tree`` (a tree JSON file), else the run's ``search/tree.json``, else the
 default recipe's run if it exists, else a stand-in: all tasks share the first half of the
@@ -61,6 +69,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=5, help="batches per model per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trees", type=int, default=5, help="random trees for the latency-table check (0: skip it)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     return parser.parse_args()
 
@@ -267,6 +276,7 @@ def main() -> None:
                      "speedup_measured": measured, "speedup_flops": predicted, "ratio": measured / predicted,
                      "speedup_latency": by_latency, "ratio_latency": measured / by_latency})
     _print(args, recipe, tree, source, weights, data, rows, latency, costs)
+    check = _table_check(args, tree, backbones_for_trees(backbone, names), heads, tasks, data, costs, x)
     branched_row = rows[0]
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -275,7 +285,71 @@ def main() -> None:
             "image_size": list(data.image_size), "torch": torch.__version__, "rows": rows,
             "part_seconds_per_batch": latency,
             "branched_within_15_percent": abs(branched_row["ratio"] - 1) <= 0.15,
+            "latency_table_check": check,
         }, indent=2) + "\n")
+
+
+def backbones_for_trees(backbone, names):
+    """One copy of the backbone per task (random weights: the speed does not depend on them)."""
+    return {n: copy.deepcopy(backbone) for n in names}
+
+
+def _table_check(args, chosen, backbones, heads, tasks, data, costs, x):
+    """Predicted (library latency table) against measured latency of the chosen and random trees."""
+    import random
+
+    from tabulate import tabulate
+
+    from branchnas.budget import format_seconds
+    from branchnas.compare import random_chain
+    from branchnas.latency import measure_parts
+    from branchnas.models import BranchedNet
+    from branchnas.tree import Tree
+
+    if args.trees < 1:
+        return None
+    names = [t.name for t in tasks]
+    points = list(chosen.points)
+    rng = random.Random(args.seed)
+    trees, seen = [("chosen", chosen)], {chosen.partitions}
+    for _ in range(10_000):
+        if len(trees) > args.trees:
+            break
+        chain = random_chain(len(names), costs.num_blocks, rng)
+        if chain not in seen:
+            seen.add(chain)
+            trees.append((f"random {len(trees)}", Tree(chain, tasks=names, points=points)))
+    with tempfile.TemporaryDirectory() as tmp:
+        nets = {label: _export(BranchedNet.from_single_task(t, backbones, heads, tasks=names).eval(), data,
+                               tasks, Path(tmp), f"tree{i}")
+                for i, (label, t) in enumerate(trees)}
+    # The table's parts and the built trees run in the same interleaved rounds: machine drift
+    # between two separate passes (10-20% on a shared 2-core box) would otherwise dominate.
+    table = measure_parts(backbones[names[0]], {n: heads[n] for n in names}, tuple(data.image_size), data.in_channels,
+                          batch_size=args.batch_size, threads=args.threads, repeats=args.repeats, iters=args.iters,
+                          warmup=args.warmup, extra=nets)
+    timed = costs.with_latency(table)
+    rows = []
+    for label, t in trees:
+        predicted = timed.size(list(t.groups_per_point()), "latency")
+        measured = table["extra"][label]
+        rows.append({"tree": label, "groups_per_point": list(t.groups_per_point()), "partitions": t.to_json(),
+                     "predicted_s": predicted, "measured_s": measured, "ratio": measured / predicted,
+                     "within_10_percent": abs(measured / predicted - 1) <= 0.10})
+    print(f"\nlatency table check: per-part table by branchnas.latency.measure_parts ({table['mode']}, batch "
+          f"{table['batch_size']}, threads {table['threads']}), each tree exported and timed in the same "
+          f"interleaved rounds; seconds per image")
+    print(tabulate([[r["tree"], "-".join(map(str, r["groups_per_point"])), format_seconds(r["predicted_s"]),
+                     format_seconds(r["measured_s"]), f"{r['ratio']:.3f}", "yes" if r["within_10_percent"] else "NO"]
+                    for r in rows],
+                   headers=["tree", "groups/point", "predicted", "measured", "meas./pred.", "within 10%"],
+                   disable_numparse=True, colalign=("left", "left", "right", "right", "right", "left")))
+    missed = [r["tree"] for r in rows if not r["within_10_percent"]]
+    print(f"{len(rows) - len(missed)} of {len(rows)} trees within 10% of the table's prediction"
+          + (f"; missed: {', '.join(missed)}" if missed else ""))
+    for label, t in trees[1:]:
+        print(f"  {label}: {repr(t)[5:-1]}")
+    return {"table": {k: v for k, v in table.items() if k != "extra"}, "trees": rows}
 
 
 def _print(args, recipe, tree, source, weights, data, rows, latency, costs) -> None:

@@ -1,7 +1,9 @@
-"""Budget strings such as ``10M``, ``2.5G`` or ``500k`` to numbers and back.
+"""Budget strings such as ``10M``, ``2.5G``, ``500k`` or ``8ms`` to numbers and back.
 
 Suffixes are decimal: k = 1e3, M = 1e6, G = 1e9, T = 1e12. Params are counted one per
-scalar weight; FLOPs follow fvcore, which counts one multiply-add as one flop.
+scalar weight; FLOPs follow fvcore, which counts one multiply-add as one flop. A latency
+budget (``metric="latency"``) is a time per image with a unit: ``s``, ``ms``, ``us`` (or
+``µs``) or ``ns``, e.g. ``8ms``, ``500us``, ``0.2s``; it parses to seconds (a float).
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from dataclasses import dataclass
 
 from branchnas.errors import BudgetError
 
-__all__ = ["Budget", "parse_budget", "is_relative", "format_count", "METRICS"]
+__all__ = ["Budget", "parse_budget", "is_relative", "format_count", "format_seconds", "format_size", "METRICS"]
 
-METRICS = ("params", "flops")
+METRICS = ("params", "flops", "latency")
+
+_TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+_TIME_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*(s|ms|us|µs|μs|ns)\s*$")
+_TIME_FORMS = ("a time per image with a unit (8ms, 500us, 0.2s) or a share of the all-separate "
+               "latency (50%)")
 
 _SUFFIX = {"": 1, "k": 10**3, "K": 10**3, "m": 10**6, "M": 10**6, "g": 10**9, "G": 10**9,
            "t": 10**12, "T": 10**12}
@@ -28,16 +35,18 @@ def is_relative(text: str | int | float | None) -> bool:
     return isinstance(text, str) and text.strip().endswith("%")
 
 
-def parse_budget(text: str | int | float, reference: float | None = None) -> int:
-    """Parse a budget into an integer count.
+def parse_budget(text: str | int | float, reference: float | None = None, metric: str = "params") -> int | float:
+    """Parse a budget into an integer count (or, for ``metric="latency"``, seconds).
 
     Args:
         text: ``"10M"``, ``"2.5M"``, ``"500k"``, ``"1.2G"``, ``"1500000"``, a number, or a
-            percentage such as ``"50%"`` of ``reference``.
+            percentage such as ``"50%"`` of ``reference``. For ``metric="latency"``: a time
+            such as ``"8ms"``, ``"500us"``, ``"0.2s"``, a number of seconds, or a percentage.
         reference: what a percentage is a share of (the size of N separate networks).
+        metric: ``params``, ``flops`` or ``latency``.
 
     Returns:
-        The budget as an integer (rounded down).
+        The budget as an integer (rounded down); for latency, seconds as a float.
 
     Raises:
         BudgetError: the text is not one of the accepted forms, or is not positive.
@@ -58,7 +67,14 @@ def parse_budget(text: str | int | float, reference: float | None = None) -> int
             raise BudgetError(f"budget: a percentage must lie in (0, 100]%; got {text!r}")
         if reference is None:
             return 1  # validated only; the caller resolves it against the all-separate size
+        if metric == "latency":
+            return percent / 100 * float(reference)
         return int(percent / 100 * reference)
+    if metric == "latency":
+        return _parse_seconds(text)
+    if isinstance(text, str) and _TIME_PATTERN.match(text):
+        raise BudgetError(f"budget: {text!r} is a time; a latency budget needs search.metric = \"latency\" "
+                          f"(now {metric!r})")
     if isinstance(text, int | float):
         value = float(text)
     else:
@@ -73,6 +89,24 @@ def parse_budget(text: str | int | float, reference: float | None = None) -> int
     if not math.isfinite(value) or value <= 0:
         raise BudgetError(f"budget: expected a positive, finite number; got {text!r}")
     return int(value)
+
+
+def _parse_seconds(text: str | int | float) -> float:
+    """A latency budget in seconds: ``"8ms"`` -> 0.008; a bare number is seconds."""
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        match = _TIME_PATTERN.match(str(text))
+        if not match:
+            raise BudgetError(f"budget: expected {_TIME_FORMS}; got {text!r}")
+        mantissa, exponent, unit = match.groups()
+        try:
+            value = float(f"{mantissa}e{exponent or 0}") * _TIME_UNITS[unit]
+        except OverflowError:
+            value = math.inf
+    if not math.isfinite(value) or value <= 0:
+        raise BudgetError(f"budget: expected a positive, finite time; got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -92,9 +126,10 @@ class Budget:
     text: str
     value: float
     relative: bool
+    metric: str = "params"
 
     @classmethod
-    def parse(cls, text: str | int | float | None) -> Budget | None:
+    def parse(cls, text: str | int | float | None, metric: str = "params") -> Budget | None:
         """Parse ``text`` (see :func:`parse_budget`); ``None`` or ``""`` mean no limit.
 
         Raises:
@@ -103,12 +138,14 @@ class Budget:
         if text is None or (isinstance(text, str) and not text.strip()):
             return None
         if is_relative(text):
-            parse_budget(text)  # validates the range
-            return cls(str(text).strip(), float(str(text).strip()[:-1]), True)
-        return cls(str(text).strip(), float(parse_budget(text)), False)
+            parse_budget(text, metric=metric)  # validates the range
+            return cls(str(text).strip(), float(str(text).strip()[:-1]), True, metric)
+        return cls(str(text).strip(), float(parse_budget(text, metric=metric)), False, metric)
 
-    def resolve(self, all_separate: float) -> int:
-        """The budget as a count; a share is taken of ``all_separate`` (N separate networks)."""
+    def resolve(self, all_separate: float) -> int | float:
+        """The budget as a count (seconds for latency); a share is taken of ``all_separate``."""
+        if self.metric == "latency":
+            return self.value / 100 * float(all_separate) if self.relative else self.value
         if self.relative:
             return int(self.value / 100 * all_separate)
         return int(self.value)
@@ -124,3 +161,17 @@ def format_count(value: float, digits: int = 3) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.{digits}g}{suffix}"
     return f"{value:.{digits}g}" if value != int(value) else str(int(value))
+
+
+def format_seconds(value: float, digits: int = 3) -> str:
+    """Format a time in seconds with a unit: ``format_seconds(0.0082) == '8.2ms'``."""
+    value = float(value)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g}{unit}"
+    return f"{value / 1e-9:.{digits}g}ns"
+
+
+def format_size(value: float, metric: str, digits: int = 3) -> str:
+    """A size in ``metric``: a time for ``latency`` (:func:`format_seconds`), else a count."""
+    return format_seconds(value, digits) if metric == "latency" else format_count(value, digits)

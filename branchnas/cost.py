@@ -1,5 +1,9 @@
 """THE cost model: parameters and FLOPs of the stem, each block and each head, by fvcore.
 
+A third metric, ``latency`` (seconds per image at a batch size and thread count), is carried
+alongside when a latency table is attached (:meth:`BlockCosts.with_latency`; the tables are
+measured by :mod:`branchnas.latency`). It follows the same size formula.
+
 Every number of parameters or FLOPs that branchnas reports or budgets comes from here,
 measured with fvcore on the real modules:
 
@@ -30,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import warnings
@@ -135,6 +140,10 @@ class BlockCosts:
         head_params: Parameters of each task's head (or, from :meth:`coerce`, their total
             under the key :data:`ALL_HEADS`).
         head_flops: FLOPs of each task's head (likewise).
+        stem_latency: Seconds per image of the stem (0 without a latency table).
+        block_latency: Seconds per image of each block, or ``None`` (no latency table).
+        head_latency: Seconds per image of each task's head (or their total under
+            :data:`ALL_HEADS`), or ``None``.
     """
 
     stem_params: int | float
@@ -143,12 +152,46 @@ class BlockCosts:
     block_flops: tuple[int | float, ...]
     head_params: dict[str, int | float]
     head_flops: dict[str, int | float]
+    stem_latency: float = 0.0
+    block_latency: tuple[float, ...] | None = None
+    head_latency: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.block_params) != len(self.block_flops):
             raise ValueError(f"{len(self.block_params)} block params but {len(self.block_flops)} block flops")
         if set(self.head_params) != set(self.head_flops):
             raise ValueError(f"heads {sorted(self.head_params)} have params but {sorted(self.head_flops)} have flops")
+        if (self.block_latency is None) != (self.head_latency is None):
+            raise ValueError("block_latency and head_latency must be given together")
+        if self.block_latency is not None and len(self.block_latency) != len(self.block_params):
+            raise ValueError(f"{len(self.block_params)} block params but {len(self.block_latency)} block latencies")
+
+    @property
+    def has_latency(self) -> bool:
+        """Whether a latency table is attached (``size(..., "latency")`` works)."""
+        return self.block_latency is not None
+
+    def with_latency(self, table: Mapping[str, Any]) -> BlockCosts:
+        """These costs with the latencies of ``table`` attached (seconds per image).
+
+        Args:
+            table: ``{"stem": s, "blocks": [s, ...], "heads": {task: s}}`` (a
+                :mod:`branchnas.latency` table); only this cost model's heads are kept.
+
+        Raises:
+            UserError: a wrong number of blocks, a missing head, a negative or non-finite time.
+        """
+        blocks = _vector("block latency", table.get("blocks", ()))
+        if len(blocks) != self.num_blocks:
+            raise UserError(f"latency table: {len(blocks)} blocks but the backbone has {self.num_blocks} branch points")
+        heads: Any = table.get("heads", {})
+        if set(self.head_params) == {ALL_HEADS} and isinstance(heads, Mapping):
+            heads = sum(float(v) for v in heads.values())  # heads held as a total: so is their latency
+        tasks = [t for t in self.head_params if t != ALL_HEADS]
+        return dataclasses.replace(
+            self, stem_latency=_scalar("stem latency", table.get("stem", 0) or 0), block_latency=blocks,
+            head_latency=_heads("head latency", heads, tasks if isinstance(heads, Mapping) else None),
+        )
 
     @classmethod
     def coerce(cls, costs: Any, num_points: int | None = None, tasks: Sequence[str] | None = None) -> BlockCosts:
@@ -191,10 +234,18 @@ class BlockCosts:
             if set(head_params) != set(head_flops):
                 # Sizes only need the sums; keeping them as totals keeps the heads consistent.
                 head_params, head_flops = _total_head(head_params), _total_head(head_flops)
+            latency = None
+            if get("block_latency") is not None:
+                bl = _vector("block_latency", get("block_latency"))
+                if len(bl) != len(bp):
+                    raise UserError(f"block costs: block_params has {len(bp)} entries but block_latency has {len(bl)}")
+                hl = _heads("head_latency", get("head_latency", 0) or 0, tasks)
+                latency = (_scalar("stem_latency", get("stem_latency", 0) or 0), bl, hl)
         else:
             bp = bf = _vector("block costs", costs)
             stem_params = stem_flops = 0.0
             head_params, head_flops = {}, {}
+            latency = None
         if len(bp) != len(bf):
             raise UserError(f"block costs: block_params has {len(bp)} entries but block_flops has {len(bf)}")
         if num_points is not None and len(bp) != num_points:
@@ -206,6 +257,7 @@ class BlockCosts:
             as_count(stem_params), as_count(stem_flops),
             tuple(as_count(v) for v in bp), tuple(as_count(v) for v in bf),
             head_params, head_flops,
+            *((latency[0], latency[1], dict(latency[2])) if latency is not None else ()),
         )
 
     @property
@@ -218,6 +270,11 @@ class BlockCosts:
             return self.stem_params, self.block_params, self.head_params
         if metric == "flops":
             return self.stem_flops, self.block_flops, self.head_flops
+        if metric == "latency":
+            if self.block_latency is None or self.head_latency is None:
+                raise UserError("cost metric 'latency': these block costs have no latency table; measure one "
+                                "(`branchnas profile`) or set search.latency_table")
+            return self.stem_latency, self.block_latency, self.head_latency
         raise UserError(unknown_choice("cost metric", metric, METRICS))
 
     def size(self, partition_counts: Sequence[int], metric: str = "params") -> int | float:
@@ -226,10 +283,10 @@ class BlockCosts:
         Args:
             partition_counts: ``n_d``, the number of task groups at each branch point
                 (length D; 1 = all tasks share the block, the number of tasks = none do).
-            metric: ``params`` or ``flops``.
+            metric: ``params``, ``flops`` or ``latency`` (seconds per image; needs a table).
 
         Raises:
-            UserError: unknown metric.
+            UserError: unknown metric, or ``latency`` without a latency table.
             ValueError: ``partition_counts`` has the wrong length or a count below 1.
 
         Example:
@@ -272,6 +329,18 @@ class BlockCosts:
         fixed_flops, block_flops = self.affine("flops")
         return fixed_params + counts @ block_params, fixed_flops + counts @ block_flops
 
+    def metric_sizes(self, counts: Any, metric: str) -> np.ndarray:
+        """Sizes (float64) of many trees in one metric: ``fixed + counts @ blocks``.
+
+        For ``params`` and ``flops`` these are exactly the arrays of :meth:`sizes`.
+        """
+        if metric == "params":
+            return self.sizes(counts)[0]
+        if metric == "flops":
+            return self.sizes(counts)[1]
+        fixed, blocks = self.affine(metric)
+        return fixed + np.asarray(counts, dtype=np.float64) @ blocks
+
     def single_task(self, task: str, metric: str = "params") -> int | float:
         """Size of the single-task model of ``task``: stem, every block once and its head."""
         stem, blocks, heads = self._parts(metric)
@@ -280,8 +349,8 @@ class BlockCosts:
         return stem + sum(blocks) + heads[task]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; :meth:`from_dict` reads it back."""
-        return {
+        """A JSON-ready dict; :meth:`from_dict` reads it back (latency fields only when attached)."""
+        data: dict[str, Any] = {
             "stem_params": self.stem_params,
             "stem_flops": self.stem_flops,
             "block_params": list(self.block_params),
@@ -289,6 +358,10 @@ class BlockCosts:
             "head_params": dict(self.head_params),
             "head_flops": dict(self.head_flops),
         }
+        if self.block_latency is not None and self.head_latency is not None:
+            data.update(stem_latency=self.stem_latency, block_latency=list(self.block_latency),
+                        head_latency=dict(self.head_latency))
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockCosts:
@@ -300,6 +373,8 @@ class BlockCosts:
             tuple(int(v) for v in data["block_flops"]),
             {str(k): int(v) for k, v in data["head_params"].items()},
             {str(k): int(v) for k, v in data["head_flops"].items()},
+            *((float(data.get("stem_latency", 0.0)), tuple(float(v) for v in data["block_latency"]),
+               {str(k): float(v) for k, v in data["head_latency"].items()}) if "block_latency" in data else ()),
         )
 
 

@@ -140,8 +140,9 @@ class AffinityConfig:
 class SearchConfig:
     """The ``[search]`` section: the budget-constrained tree search (stage 3)."""
 
-    budget: str = field(default="50%", metadata=_spec("budget such as 10M, 2.5G, or 50% of the all-separate size; empty = no limit", number_ok=True))
-    metric: str = field(default="params", metadata=_choices("params", "flops", doc="what the budget counts (fvcore: one multiply-add = one flop)"))
+    budget: str = field(default="50%", metadata=_spec("budget such as 10M, 2.5G, 8ms (metric latency), or 50% of the all-separate size; empty = no limit", number_ok=True))
+    metric: str = field(default="params", metadata=_choices("params", "flops", "latency", doc="what the budget counts (fvcore: one multiply-add = one flop; latency: seconds per image at data.batch_size)"))
+    latency_table: str = field(default="", metadata=_spec("metric latency: a table from `branchnas profile -o FILE` (e.g. measured on the deployment machine); empty = measure on this machine"))
     mode: str = field(default="auto", metadata=_choices("auto", "exact", "scalable"))
     exact_limit: int = field(default=5_000_000_000, metadata=_spec("auto runs exact search up to this many trees", min=1))
     top: int = field(default=1, metadata=_spec("list this many best trees", min=1))
@@ -417,7 +418,7 @@ def _check_recipe(recipe: Recipe) -> None:
         from branchnas.errors import BudgetError
 
         try:
-            parse_budget(recipe.search.budget)
+            parse_budget(recipe.search.budget, metric=recipe.search.metric)
         except BudgetError as err:
             raise RecipeError(f"search.{err}") from None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from branchnas.budget import format_count
+from branchnas.budget import format_count, format_size
 from branchnas.errors import UserError
 from branchnas.rundir import RunDir, atomic_savefig, atomic_write_text
 from branchnas.tasks import format_delta
@@ -255,7 +255,7 @@ def write_report(rundir: RunDir) -> Path:
 
         result, extremes = read_result(rundir)
         budget = "no budget (the all-separate size)" if result.budget is None else (
-            f"{format_count(result.budget)} {result.metric}")
+            f"{format_size(result.budget, result.metric)} {result.metric}")
         out += ["## 3. The chosen tree", "",
                 f"Budget: {budget}. The {result.mode} search considered {result.trees_considered:,} trees and "
                 "picked the one with the least clustering cost (the sum over branch points of the mean, over "

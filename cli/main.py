@@ -28,6 +28,7 @@ _OTHER_COMMANDS: dict[str, str] = {
     "datasets": "List the dataset families and their targets.",
     "tasks": "List the task kinds with their losses and metrics.",
     "backbones": "List the backbones with branch points, params and FLOPs.",
+    "profile": "Measure the per-block latency table on this machine (for search.metric latency).",
 }
 
 
@@ -83,7 +84,7 @@ class LazyGroup(click.Group):
 def cli(debug: bool, quiet: bool) -> None:
     """branchnas: decide which encoder layers your vision tasks should share.
 
-    Give it tasks that share one image encoder and a parameter or FLOP budget. It trains
+    Give it tasks that share one image encoder and a parameter, FLOP or latency budget. It trains
     one model per task, measures task affinity at every branch point, finds the branched
     network that fits the budget, fine-tunes it and exports it as TorchScript.
 

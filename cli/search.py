@@ -16,8 +16,11 @@ from branchnas_cli._options import (
 
 @click.command(name="search")
 @recipe_options
-@click.option("--budget", help="Largest tree size, e.g. 10M, 2.5M, 500k, 1.2G or 1500000 (default: the recipe's).")
-@click.option("--metric", type=click.Choice(["params", "flops"]), help="What the budget counts (fvcore: 1 multiply-add = 1 flop).")
+@click.option("--budget", help="Largest tree size, e.g. 10M, 2.5M, 500k, 1.2G, 1500000, or 8ms / 500us with "
+              "--metric latency (default: the recipe's).")
+@click.option("--metric", type=click.Choice(["params", "flops", "latency"]),
+              help="What the budget counts (fvcore: 1 multiply-add = 1 flop; latency: seconds per image from a "
+                   "per-block table, search.latency_table or measured here).")
 @click.option("--mode", type=click.Choice(["auto", "exact", "scalable"]), help="Exact search, scalable search, or auto.")
 @click.option("--top", type=click.IntRange(min=1), help="List the K best trees within the budget.")
 @click.option("--affinity", "affinity_file", type=click.Path(dir_okay=False),
@@ -41,6 +44,7 @@ def command(recipe, overrides, budget, metric, mode, top, affinity_file, pareto,
     Examples:
       branchnas search --budget 1M
       branchnas search --budget 200M --metric flops --top 3
+      branchnas search --metric latency --budget 8ms --set search.latency_table=profile.json
       branchnas search recipes/celeba.toml --affinity affinity.npz --budget 2.2M
     """
     from branchnas.budget import format_count

@@ -70,7 +70,7 @@ def test_tasks_from_a_file_replace_the_default_list_and_can_be_overridden_by_ind
         ({"pretrain": {"epochs": "three"}}, "pretrain.epochs: expected an integer; got 'three'"),
         ({"pretrain": {"epochs": 0}}, "pretrain.epochs: expected a value >= 1; got 0"),
         ({"pretrain": {"lr": True}}, "pretrain.lr: expected a number; got true"),
-        ({"search": {"metric": "flop"}}, "search.metric: expected one of 'params', 'flops'; got 'flop' (did you mean 'flops'?)"),
+        ({"search": {"metric": "flop"}}, "search.metric: expected one of 'params', 'flops', 'latency'; got 'flop' (did you mean 'flops'?)"),
         ({"search": {"budget": "ten"}}, "search.budget: expected a plain integer"),
         ({"backbone": "resnet20"}, "backbone: expected a table; got 'resnet20'"),
         ({"tasks": {"name": "a"}}, "tasks: expected a list of tables ([[tasks]])"),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from branchnas.budget import format_count, parse_budget
+from branchnas.budget import format_size, parse_budget
 from branchnas.cost import BlockCosts, as_count
 from branchnas.errors import BudgetError, UserError, unknown_choice
 from branchnas.search._base import SearchStrategy, _Engine
@@ -115,15 +115,23 @@ def _best_first(engine: _Engine, sizes: BlockCosts, allowed: np.ndarray, top: in
 
 
 def _scored(found: list[tuple[float, float, float, tuple[Partition, ...]]], tasks: tuple[str, ...],
-            points: tuple[str, ...]) -> tuple[ScoredTree, ...]:
-    return tuple(ScoredTree(Tree(key, tasks=tasks, points=points), float(cost), as_count(p), as_count(f))
+            points: tuple[str, ...], sizes: BlockCosts | None = None) -> tuple[ScoredTree, ...]:
+    return tuple(ScoredTree(Tree(key, tasks=tasks, points=points), float(cost), as_count(p), as_count(f),
+                            _latency(sizes, key))
                  for cost, p, f, key in found)
+
+
+def _latency(sizes: BlockCosts | None, key: Sequence[Partition]) -> float | None:
+    """A tree's latency (seconds per image) when the block costs carry a latency table."""
+    if sizes is None or not sizes.has_latency:
+        return None
+    return float(sizes.metric_sizes(np.asarray([[len(p) for p in key]]), "latency")[0])
 
 
 def _front_classes(engine: _Engine, sizes: BlockCosts, metric: str) -> list[tuple[float, np.ndarray]]:
     """The Pareto front over classes: (size, allowed mask of the classes that realise it)."""
     params, flops = sizes.sizes(engine.class_counts)
-    size = params if metric == "params" else flops
+    size = sizes.metric_sizes(engine.class_counts, metric)
     best = engine.class_best
     order = np.lexsort((flops, params, best, size))
     front = []
@@ -157,8 +165,7 @@ class _Problem:
 
     def size_of(self, counts: Sequence[int]) -> int | float:
         # Through BlockCosts.sizes, as the DP computes class sizes, so that the two compare alike.
-        params, flops = self.sizes.sizes(np.asarray([counts]))
-        return as_count((params if self.metric == "params" else flops)[0])
+        return as_count(self.sizes.metric_sizes(np.asarray([counts]), self.metric)[0])
 
 
 def _problem(affinity: Any, block_costs: Any, budget: Any, metric: str, tasks: Sequence[str] | None,
@@ -174,13 +181,13 @@ def _problem(affinity: Any, block_costs: Any, budget: Any, metric: str, tasks: S
         raise UserError(f"search: {len(points)} branch point names for an affinity over {num_points} branch points")
     sizes = BlockCosts.coerce(block_costs, num_points=num_points, tasks=tasks)
     largest = _Problem(dis, sizes, tasks, points, metric, None).size_of([n] * num_points)
-    limit = None if budget is None or budget == "" else float(parse_budget(budget, reference=largest))
+    limit = None if budget is None or budget == "" else float(parse_budget(budget, reference=largest, metric=metric))
     problem = _Problem(dis, sizes, tasks, points, metric, limit)
     smallest = problem.size_of([1] * num_points)
     if limit is not None and limit < smallest:
         raise BudgetError(
-            f"budget {format_count(limit)} {metric} is below the smallest tree (all tasks share every block, "
-            f"{smallest:,} {metric}); give a budget of at least {format_count(smallest)} {metric}"
+            f"budget {format_size(limit, metric)} {metric} is below the smallest tree (all tasks share every block, "
+            f"{smallest:,} {metric}); give a budget of at least {format_size(smallest, metric)} {metric}"
             f" (or {math.ceil(1000 * smallest / largest) / 10:g}% of the all-separate size)"
         )
     return problem
@@ -207,7 +214,8 @@ def search(
             fields, or a length-D list of block sizes); see :meth:`branchnas.cost.BlockCosts.coerce`.
         budget: the most ``metric`` a tree may have (``"10M"``, ``2.5e6``, ...); ``None`` or
             ``""`` for no limit.
-        metric: ``"params"`` or ``"flops"``.
+        metric: ``"params"``, ``"flops"`` or ``"latency"`` (seconds per image; the block
+            costs must carry a latency table, see :meth:`BlockCosts.with_latency`).
         mode: ``"exact"`` (every tree), ``"scalable"`` (clustering candidates), ``"auto"``
             (exact when :func:`count_trees` is at most ``exact_limit`` and the tables fit), or
             a :class:`SearchStrategy`.
@@ -234,14 +242,13 @@ def search(
     n, num_points = problem.shape
     strategy = _strategy(mode, n, num_points, exact_limit)
     engine = strategy.build(problem.dis, problem.sizes, problem.metric, None if pareto else problem.budget)
-    params, flops = problem.sizes.sizes(engine.class_counts)
-    size = params if problem.metric == "params" else flops
+    size = problem.sizes.metric_sizes(engine.class_counts, problem.metric)
     allowed = np.ones(len(size), bool) if problem.budget is None else size <= problem.budget
-    ranked = _scored(_best_first(engine, problem.sizes, allowed, top), problem.tasks, problem.points)
+    ranked = _scored(_best_first(engine, problem.sizes, allowed, top), problem.tasks, problem.points, problem.sizes)
     front = None
     if pareto:
         front = tuple(
-            _scored(_best_first(engine, problem.sizes, mask, 1), problem.tasks, problem.points)[0]
+            _scored(_best_first(engine, problem.sizes, mask, 1), problem.tasks, problem.points, problem.sizes)[0]
             for _, mask in _front_classes(engine, problem.sizes, problem.metric)
         )
     details: dict[str, Any] = {"tasks": n, "points": num_points, "strategy": strategy.name}
@@ -358,8 +365,11 @@ def search_enumerate(
     ranked = []
     for cost, params, flops, chain in rank_all_trees(affinity, problem.sizes, tasks=problem.tasks,
                                                      order_seed=order_seed, limit=limit):
-        if problem.budget is None or (params if problem.metric == "params" else flops) <= problem.budget:
-            ranked.append(ScoredTree(Tree(chain, tasks=problem.tasks, points=problem.points), cost, params, flops))
+        latency = _latency(problem.sizes, chain)
+        size = {"params": params, "flops": flops, "latency": latency}[problem.metric]
+        if problem.budget is None or size <= problem.budget:
+            ranked.append(ScoredTree(Tree(chain, tasks=problem.tasks, points=problem.points), cost, params, flops,
+                                     latency))
             if len(ranked) == top:
                 break
     return SearchResult(

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from branchnas.budget import format_count
+from branchnas.budget import format_count, format_seconds, format_size
 from branchnas.search.cost import _check_metric
 from branchnas.search.result import ScoredTree, SearchResult
 from branchnas.tree import Tree
@@ -33,7 +33,7 @@ def format_pareto(front: Sequence[ScoredTree], metric: str = "params", chosen: S
     other = "flops" if _check_metric(metric) == "params" else "params"
     header = ("", "#", f"{metric} ≤", other, "cost", "groups/point", "tree")
     rows = [
-        ("*" if chosen is not None and s.tree == chosen.tree else "", str(i + 1), format_count(s.size(metric)),
+        ("*" if chosen is not None and s.tree == chosen.tree else "", str(i + 1), format_size(s.size(metric), metric),
          format_count(s.size(other)), f"{s.cost:.4f}", "-".join(map(str, s.tree.groups_per_point())), _short(s.tree))
         for i, s in enumerate(front)
     ]
@@ -67,33 +67,36 @@ def plot_pareto(front: Sequence[ScoredTree], path: str | Path, metric: str = "pa
         ax.scatter([float(chosen.size(metric))], [chosen.cost], s=120, facecolors="none", edgecolors="#c44e52",
                    lw=2, zorder=3, label="chosen tree")
     if budget is not None:
-        ax.axvline(float(budget), color="#c44e52", ls="--", lw=1, label=f"budget {format_count(budget)}")
-    unit = "parameters" if metric == "params" else "FLOPs (1 multiply-add = 1 flop)"
+        ax.axvline(float(budget), color="#c44e52", ls="--", lw=1, label=f"budget {format_size(budget, metric)}")
+    unit = {"params": "parameters", "flops": "FLOPs (1 multiply-add = 1 flop)",
+            "latency": "latency per image (from the per-block table)"}[metric]
     ax.set_xlabel(f"tree size: {unit}")
     ax.set_ylabel("task clustering cost (lower is better)")
     ax.set_title("cheapest task clustering for every budget")
-    ax.xaxis.set_major_formatter(_count_formatter())
+    ax.xaxis.set_major_formatter(_count_formatter(metric))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     atomic_savefig(fig, path)
 
 
-def _count_formatter() -> Any:
+def _count_formatter(metric: str = "params") -> Any:
     from matplotlib.ticker import FuncFormatter
 
-    return FuncFormatter(lambda x, _: format_count(x))
+    return FuncFormatter(lambda x, _: format_size(x, metric))
 
 
 def format_result(result: SearchResult) -> str:
     """A few lines for the terminal: what ran, the winner's scores and its tree."""
-    budget = "no budget" if result.budget is None else f"budget {format_count(result.budget)} {result.metric}"
+    m = result.metric
+    budget = "no budget" if result.budget is None else f"budget {format_size(result.budget, m)} {m}"
     lines = [
         f"{result.mode} search over {result.trees_considered:,} trees in {result.seconds:.2f} s ({budget}; "
-        f"sizes range {format_count(result.min_size)}..{format_count(result.max_size)} {result.metric})",
+        f"sizes range {format_size(result.min_size, m)}..{format_size(result.max_size, m)} {m})",
     ]
     for i, s in enumerate(result.ranked):
+        latency = "" if s.latency is None else f"{format_seconds(s.latency)} latency, "
         lines.append(
-            f"#{i + 1}: cost {s.cost:.4f}, {format_count(s.params)} params, {format_count(s.flops)} flops, "
+            f"#{i + 1}: cost {s.cost:.4f}, {format_count(s.params)} params, {format_count(s.flops)} flops, {latency}"
             f"groups per branch point {'-'.join(map(str, s.tree.groups_per_point()))}"
         )
     lines.append(result.tree.render())

@@ -16,16 +16,22 @@ __all__ = ["ScoredTree", "SearchResult", "SEARCH_FORMAT"]
 
 @dataclass(frozen=True)
 class ScoredTree:
-    """A tree with its clustering cost and its size in both metrics."""
+    """A tree with its clustering cost and its size in params, FLOPs and (with a table) latency."""
 
     tree: Tree
     cost: float
     params: int | float
     flops: int | float
+    latency: float | None = None
 
     def size(self, metric: str) -> int | float:
-        """The size in ``params`` or ``flops``."""
-        return self.params if _check_metric(metric) == "params" else self.flops
+        """The size in ``params``, ``flops`` or ``latency`` (seconds per image)."""
+        metric = _check_metric(metric)
+        if metric == "latency":
+            if self.latency is None:
+                raise UserError("this tree has no latency (the search ran without a latency table)")
+            return self.latency
+        return self.params if metric == "params" else self.flops
 
     def sort_key(self) -> tuple[Any, ...]:
         """The ranking: cost, then fewer params, then fewer FLOPs, then the canonical tree order."""
@@ -33,19 +39,24 @@ class ScoredTree:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""
-        return {
+        data: dict[str, Any] = {
             "cost": self.cost,
             "params": self.params,
             "flops": self.flops,
             "groups_per_point": list(self.tree.groups_per_point()),
             "tree": self.tree.to_json(),
         }
+        if self.latency is not None:
+            data["latency"] = self.latency
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ScoredTree:
         """Inverse of :meth:`to_json`."""
         try:
-            return cls(Tree.from_json(data["tree"]), float(data["cost"]), as_count(data["params"]), as_count(data["flops"]))
+            latency = data.get("latency")
+            return cls(Tree.from_json(data["tree"]), float(data["cost"]), as_count(data["params"]), as_count(data["flops"]),
+                       None if latency is None else float(latency))
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"search result: a tree entry is malformed ({err!r}); run `branchnas search --force`") from None
 
@@ -59,7 +70,7 @@ class SearchResult:
 
     Attributes:
         ranked: the best trees within the budget, best first (up to ``top``).
-        metric: what the budget counts (``params`` or ``flops``).
+        metric: what the budget counts (``params``, ``flops`` or ``latency``, in seconds per image).
         budget: the budget, or ``None`` for no limit.
         mode: the search that ran: ``exact``, ``scalable`` or ``enumerate``.
         trees_considered: trees covered by the search (exact: every tree; scalable: the

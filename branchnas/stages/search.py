@@ -8,6 +8,11 @@ training.
 
 Artifacts in ``search/``: ``tree.json`` (the ranked trees, the extremes and the block costs),
 ``pareto.json``, ``tree.txt``, ``tree.png`` and ``pareto.png``.
+
+With ``search.metric = "latency"`` the block costs carry a per-part latency table
+(:mod:`branchnas.latency`): read from ``search.latency_table`` (checked against the recipe
+before any work), or measured on this machine once and kept as ``search/latency.json``, which
+a rerun reuses while the network, ``data.batch_size`` and the thread count are unchanged.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class SearchStage(Stage):
         Artifact("tree.txt", "the chosen tree as text"),
         Artifact("tree.png", "the chosen tree as a picture"),
         Artifact("pareto.png", "the Pareto front as a picture"),
+        Artifact("latency.json", "search.metric latency: the per-part latency table the search used"),
     )
 
     def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
@@ -54,16 +60,19 @@ class SearchStage(Stage):
                      "options": recipe.data.options, "root": recipe.data.root},
             "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
         }
+        table = recipe.search.latency_table
+        if table and Path(table).is_file():
+            config["latency_table"] = {"path": str(table), "sha256": file_sha256(table)}
         path = options.get("affinity_file")
         if path:
             config["affinity_file"] = {"path": str(path), "sha256": file_sha256(path)}
         return config
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
-        from branchnas.cost import recipe_costs
-
-        costs, tasks, points = recipe_costs(recipe)
-        feasible_budget(recipe, costs)
+        costs, tasks, points, _ = recipe_costs_with_latency(recipe, measure=False)
+        if recipe.search.metric != "latency" or costs.has_latency:
+            # A latency budget without a given table is checked once the table is measured (in run).
+            feasible_budget(recipe, costs)
         path = options.get("affinity_file")
         if path:
             from branchnas.stages.affinity import read_affinity_file
@@ -74,19 +83,69 @@ class SearchStage(Stage):
         return _search(ctx.recipe, ctx.rundir, ctx.folder, ctx.options.get("affinity_file"))
 
 
-def feasible_budget(recipe: Any, costs: Any) -> int | None:
+def recipe_costs_with_latency(recipe: Any, rundir: Any = None, folder: Path | None = None,
+                              measure: bool = True) -> tuple[Any, list[str], list[str], dict[str, Any] | None]:
+    """The recipe's cost model, with a latency table attached where the recipe wants one.
+
+    The table is ``search.latency_table`` when set (validated against the recipe); else, with
+    ``search.metric = "latency"`` and ``measure``, the one kept in ``rundir``'s ``search/latency.json``
+    if it still fits (same network, batch size and thread count), else one measured now
+    (:func:`branchnas.latency.recipe_table`). It is written to ``folder/latency.json``.
+
+    Returns:
+        ``(costs, task names, branch point names, table or None)``.
+    """
+    from branchnas.cost import recipe_costs
+
+    costs, tasks, points = recipe_costs(recipe)
+    cfg = recipe.search
+    if not cfg.latency_table and (cfg.metric != "latency" or not measure):
+        return costs, tasks, points, None
+    from branchnas import latency
+
+    identity = latency.recipe_identity(recipe)
+    if cfg.latency_table:
+        table = latency.load_table(cfg.latency_table)
+        latency.check_table(table, identity)
+    else:
+        import torch
+
+        table = None
+        stored = get_stage("search").path(rundir, "latency.json") if rundir is not None else None
+        if stored is not None and stored.exists():
+            try:
+                old = latency.load_table(stored, where=str(stored))
+                latency.check_table(old, identity, where=str(stored))
+                if latency.matches_settings(old, recipe.data.batch_size, torch.get_num_threads()):
+                    table = old
+            except UserError:
+                table = None
+        if table is None:
+            table = latency.recipe_table(recipe)
+    if folder is not None:
+        from branchnas.rundir import atomic_write_json
+
+        atomic_write_json(folder / "latency.json", table)
+    return costs.with_latency(table), tasks, points, table
+
+
+def feasible_budget(recipe: Any, costs: Any) -> int | float | None:
     """The recipe's budget as a count, checked against the smallest and largest tree.
 
     Raises:
         BudgetError: no tree fits: the budget is below the all-shared size. The message
             gives the feasible range, absolute and as a share of the all-separate size.
     """
-    from branchnas.budget import Budget, format_count
+    from functools import partial
 
-    budget = Budget.parse(recipe.search.budget)
+    from branchnas.budget import Budget, format_size
+
+    metric = recipe.search.metric
+    budget = Budget.parse(recipe.search.budget, metric)
     if budget is None:
         return None
-    metric = recipe.search.metric
+    fmt = partial(format_size, metric=metric)
+
     depth = costs.num_blocks
     n = len(costs.head_params)
     smallest, largest = costs.size([1] * depth, metric), costs.size([n] * depth, metric)
@@ -94,9 +153,9 @@ def feasible_budget(recipe: Any, costs: Any) -> int | None:
     if limit < smallest:
         share = 100 * smallest / largest
         raise BudgetError(
-            f"search.budget {budget} = {format_count(limit)} {metric} is below the smallest tree "
-            f"(all tasks sharing every block: {format_count(smallest)}); no tree fits. Choose a budget from "
-            f"{format_count(smallest)} ({share:.0f}%) to {format_count(largest)} (100%, all separate)"
+            f"search.budget {budget} = {fmt(limit)} {metric} is below the smallest tree "
+            f"(all tasks sharing every block: {fmt(smallest)}); no tree fits. Choose a budget from "
+            f"{fmt(smallest)} ({share:.0f}%) to {fmt(largest)} (100%, all separate)"
             + ("; with a single task there is only one tree, so leave the budget empty (search.budget=\"\")"
                if n == 1 else "")
         )
@@ -129,13 +188,12 @@ def _align(affinity: dict[str, Any], tasks: list[str], points: list[str], where:
 
 def _search(recipe: Any, rundir: Any, folder: Path, affinity_file: str | None) -> dict[str, Any]:
     from branchnas.budget import format_count
-    from branchnas.cost import recipe_costs
     from branchnas.rundir import atomic_write_json, atomic_write_text
     from branchnas.search import clustering_cost, format_result, plot_pareto, search
     from branchnas.stages.affinity import read_affinity, read_affinity_file
     from branchnas.tree import Tree
 
-    costs, tasks, points = recipe_costs(recipe)
+    costs, tasks, points, table = recipe_costs_with_latency(recipe, rundir, folder)
     if affinity_file:
         matrix = _align(read_affinity_file(affinity_file), tasks, points, f"--affinity {affinity_file}")
     else:
@@ -151,7 +209,8 @@ def _search(recipe: Any, rundir: Any, folder: Path, affinity_file: str | None) -
     extremes = {
         name: {"cost": clustering_cost(tree, matrix),
                "params": costs.size(tree.groups_per_point(), "params"),
-               "flops": costs.size(tree.groups_per_point(), "flops")}
+               "flops": costs.size(tree.groups_per_point(), "flops"),
+               **({"latency": costs.size(tree.groups_per_point(), "latency")} if costs.has_latency else {})}
         for name, tree in (("all_shared", shared), ("all_separate", separate))
     }
     data = result.to_json()
@@ -159,12 +218,16 @@ def _search(recipe: Any, rundir: Any, folder: Path, affinity_file: str | None) -
     data["extremes"] = extremes
     data["runners_up"] = [scored.to_json() for scored in wide.ranked[1: RUNNERS_UP + 1]]
     data["block_costs"] = costs.to_dict()
+    if table:
+        data["latency_table"] = {k: table.get(k) for k in ("batch_size", "threads", "mode", "torch", "machine")}
+        data["latency_table"]["source"] = cfg.latency_table or "measured on this machine"
     atomic_write_json(folder / "tree.json", data)
     atomic_write_json(folder / "pareto.json", {"metric": result.metric, "front": pareto})
     atomic_write_text(folder / "tree.txt", format_result(result) + "\n")
     result.tree.draw(folder / "tree.png", title=f"chosen tree ({format_count(result.best.params)} params)")
     plot_pareto(result.pareto or (), folder / "pareto.png", result.metric, chosen=result.best, budget=result.budget)
-    return {"outputs": ["tree.json", "pareto.json", "tree.txt", "tree.png", "pareto.png"],
+    outputs = ["tree.json", "pareto.json", "tree.txt", "tree.png", "pareto.png"] + (["latency.json"] if table else [])
+    return {"outputs": outputs,
             "mode": result.mode, "cost": result.cost}
 
 
