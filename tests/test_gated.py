@@ -537,3 +537,35 @@ def test_the_gates_settings_key_only_the_gated_fine_tune():
     assert finetune(load_recipe(None, gated), {}) != finetune(load_recipe(None, [*gated, "finetune.gated.sparsity=7"]), {})
     plain_only = ["finetune.compare_variants=[\"plain\"]"]
     assert compare(load_recipe(None, plain_only), {}) == compare(load_recipe(None, [*plain_only, "finetune.gated.lr=1"]), {})
+
+
+@pytest.mark.parametrize("scheme", ["uncertainty", "dwa", "rlw", "pcgrad", "gradnorm", "mgda", "graddrop", "imtl",
+                                    "gradvac", "famo"])
+def test_every_loss_weighting_trains_the_gates(scheme):
+    """The gates' gradient survives every scheme (gradient surgery rewrites only the shared
+    parameters' gradients; α and β are the variant's, outside them)."""
+    from branchnas.recipe import FinetuneConfig
+    from branchnas.tasks import Task
+    from branchnas.training import Trainer
+    from branchnas.variants import get_variant
+    from branchnas.weighting import get_weighting
+
+    recipe = load_recipe(None, ["finetune.gated.sparsity=0"])
+    variant = get_variant("gated", recipe)
+    backbones = _backbones(8, width=0.25)
+    tasks = [Task(t, "classification", t, num_classes=2) for t in TASKS]
+    net = variant.build(TREES["mixed"], backbones, _heads(backbones), init="first", tasks=TASKS)
+    trainer = Trainer(net, tasks, FinetuneConfig(epochs=1, device="cpu"), batch_size=8, seed=0, variant=variant,
+                      weighting=get_weighting(scheme, tasks, seed=0), progress=False)
+    member = trainer.members[0]
+    assert not {id(p) for p in net.gate_parameters()} & {id(p) for p in member.shared}
+    trainer.total_steps, trainer.warmup_steps = 1, 0
+    member.epoch_loss_sums = {t: 0.0 for t in TASKS}
+    before = [a.detach().clone() for _, _, layer in net.gated_layers() for a in layer.alphas]
+    images, targets = torch.randn(8, 3, 32, 32), {t: torch.randint(0, 2, (8,)) for t in TASKS}
+    trainer._step_shared([member], images, targets, 0, 0, 0.01)
+    grads = [a.grad for _, _, layer in net.gated_layers() for a in layer.alphas]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    after = [a.detach() for _, _, layer in net.gated_layers() for a in layer.alphas]
+    for old, new, g in zip(before, after, grads, strict=True):  # plain SGD at the gate lr (10) x factor 1
+        torch.testing.assert_close(new, old - 10.0 * g, rtol=1e-5, atol=1e-7)
