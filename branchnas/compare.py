@@ -192,7 +192,7 @@ def plot_weightings(data: Mapping[str, Any], path: str | Path) -> None:
     ax.axvline(0, color="#999999", lw=0.8)
     ax.set_xlabel("Δ_MTL vs single-task (%), test — higher is better")
     ax.set_title("the chosen tree under each loss weighting (red: the recipe's)", fontsize=9)
-    ax.margins(x=0.25)
+    ax.margins(x=0.45)
     atomic_savefig(fig, path)
 
 
