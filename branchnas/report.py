@@ -301,12 +301,16 @@ def write_report(rundir: RunDir) -> Path:
 
     export = stages.get("export")
     if export and _done(rundir, "export"):
-        diff = export.get("max_abs_diff")
-        worst = max(diff.values()) if isinstance(diff, dict) and diff else diff
-        out += ["## 5. Export", "",
-                f"{export.get('format', 'torchscript')} file: `{export.get('path')}`"
-                + (f"; reloaded in a clean process without branchnas, max abs difference to eager "
-                   f"{float(worst):.2e}." if worst is not None else "."), "",
+        # {task: diff} per file when checked; {} with export.check = false
+        files = export.get("formats") or {export.get("format", "torchscript"): export}
+        lines = []
+        for fmt, entry in files.items():
+            diff = entry.get("max_abs_diff")
+            worst = (max(diff.values()) if diff else None) if isinstance(diff, dict) else diff
+            lines.append(f"- {fmt}: `{entry.get('path')}`" + (
+                f"; reloaded in a clean process without branchnas, max abs difference to eager {float(worst):.2e}"
+                if worst is not None else "; not checked (export.check = false)"))
+        out += ["## 5. Export", "", *lines, "",
                 "How to load it from plain PyTorch: `docs/exported-model.md` in the branchnas repository.", ""]
     if recipe_text:
         out += ["## Recipe", "", "```toml", recipe_text.strip(), "```", ""]

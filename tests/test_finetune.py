@@ -334,3 +334,16 @@ def test_export_stage_writes_every_format_asked_for(run):
         torch.testing.assert_close(value, eager[name], rtol=0, atol=1e-5)
     assert sorted(p.name for p in (rundir.path / "export").iterdir()) == ["model.onnx", "model.pt", "model.pt2"]
     run_stage(load_recipe(None, tiny_overrides(rundir.path.parent, "tiny")), rundir, "export")  # as the others expect
+
+
+@pytest.mark.slow
+def test_report_lists_an_unchecked_export(run):
+    from branchnas.report import write_report
+
+    recipe, rundir, _ = run
+    unchecked = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "export.check=false"))
+    run_stage(unchecked, rundir, "export")
+    text = write_report(rundir).read_text()
+    assert "- torchscript: `" in text and "not checked (export.check = false)" in text
+    run_stage(recipe, rundir, "export")  # as the other tests expect
+    assert "max abs difference to eager" in write_report(rundir).read_text()
