@@ -3,7 +3,7 @@
 The network (:class:`branchnas.models.BranchedNet`) is initialised from the single-task
 models of stage 1 (``finetune.init``, see :meth:`BranchedNet.from_single_task`) and trained
 with the shared trainer (:mod:`branchnas.training`) under the loss weighting
-``finetune.weighting`` (uniform by default). It is then evaluated on the validation and test
+``finetune.weighting`` (uncertainty by default). It is then evaluated on the validation and test
 splits, and compared with the single-task models of stage 1 by Δ_MTL (GatedMTL eq. 6,
 :func:`branchnas.tasks.delta_mtl`) on each task's primary test metric. Parameters and FLOPs
 are measured with fvcore on the built network (:mod:`branchnas.cost`; one multiply-add is one

@@ -13,7 +13,7 @@ from branchnas_cli._options import force_option, load, recipe_options, run_stage
     "--weighting", type=click.Choice(["uniform", "uncertainty", "dwa", "rlw", "pcgrad", "gradnorm", "mgda", "graddrop",
                                       "imtl", "gradvac", "famo"]), default=None,
     help="Loss weighting (shortcut for --set finetune.weighting=...; options with --set finetune.weighting="
-         "'{ name = \"gradnorm\", alpha = 1.5 }'); default: the recipe's (uniform).",
+         "'{ name = \"gradnorm\", alpha = 1.5 }'); default: the recipe's (uncertainty).",
 )
 @click.option(
     "--variant", type=click.Choice(["plain", "gated", "fused"]), default=None,

@@ -244,7 +244,7 @@ def test_cli_finetune_prints_the_table(run, monkeypatch):
 def test_compare_writes_json_and_markdown(run):
     recipe, rundir, _ = run
     recipe = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "finetune.compare_random=1",
-                                              'finetune.compare_weightings=["uniform", "famo", "mgda"]'))
+                                              'finetune.compare_weightings=["uncertainty", "famo", "mgda"]'))
     run_stage(recipe, rundir, "compare")
     data = json.loads((rundir.path / "compare" / "compare.json").read_text())
     names = [r["name"] for r in data["rows"]]
@@ -263,7 +263,7 @@ def test_compare_writes_json_and_markdown(run):
     assert gated["params"] == saved["params"] and saved["variant"] == "gated"
     assert gated["within_budget"] == (saved["params"] <= 40_000)
     assert ("over the budget" in gated["note"]) == (not gated["within_budget"])
-    # One row per other loss weighting (uniform is the recipe's own: the chosen row), same tree.
+    # One row per other loss weighting (uncertainty is the recipe's own: the chosen row), same tree.
     weighted = [r for r in data["rows"] if r["kind"] == "weighting"]
     assert [r["weighting"] for r in weighted] == ["famo", "mgda"]
     for row in weighted:

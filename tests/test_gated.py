@@ -430,20 +430,13 @@ def test_the_gated_stage_reports_the_pruned_networks_own_fvcore_size(gated_run):
 
 
 @pytest.mark.slow
-def test_an_over_budget_network_is_refused_and_the_pruned_export_runs_without_branchnas(gated_run, tmp_path):
-    from branchnas.errors import UserError
+def test_the_pruned_export_runs_without_branchnas(gated_run):
     from branchnas.pipeline import run_stages
     from branchnas.stages.finetune import load_finetuned, read_report
 
     recipe, rundir = gated_run
-    report = read_report(rundir)
-    if report["budget"]["within"]:
-        pytest.skip("this tiny run fitted its budget")  # the default init keeps every gate open
-    with pytest.raises(UserError, match="over the budget of 40k.*export.over_budget=true"):
-        run_stages(recipe, ["export"], rundir=rundir, progress=False)
-    assert not (rundir.path / "export" / "model.pt").exists()
-    anyway = load_recipe(None, _tiny(rundir.path.parent, "export.over_budget=true"))
-    result = run_stages(anyway, ["export"], rundir=rundir, progress=False)[1]["export"]
+    assert read_report(rundir)["budget"]["within"]  # the default gates fit this budget
+    result = run_stages(recipe, ["export"], rundir=rundir, progress=False)[1]["export"]
     assert result["checked"]  # reloaded by `python -I` with branchnas imports blocked
     loaded = torch.jit.load(str(rundir.path / "export" / "model.pt"))
     x = torch.randn(2, 3, 16, 16)
@@ -451,6 +444,31 @@ def test_an_over_budget_network_is_refused_and_the_pruned_export_runs_without_br
         eager = load_finetuned(rundir)(x)
         for task, out in loaded(x).items():
             torch.testing.assert_close(out, eager[task], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_over_budget_network_is_refused_by_export(gated_run, tmp_path):
+    import shutil
+
+    from branchnas.errors import UserError
+    from branchnas.pipeline import run_stages
+    from branchnas.rundir import RunDir
+    from branchnas.stages.finetune import read_report
+
+    _, source = gated_run
+    shutil.copytree(source.path.parent, tmp_path / "runs")
+    shutil.rmtree(tmp_path / "runs" / "gated" / "export", ignore_errors=True)
+    rundir = RunDir(tmp_path / "runs" / "gated")
+    # Every gate open and no sparsity: each task keeps its own copy of the shared blocks.
+    opened = load_recipe(None, _tiny(tmp_path / "runs", "finetune.gated.init=3.0", "finetune.gated.sparsity=0"))
+    with pytest.raises(UserError, match="over the budget of 40k.*export.over_budget=true"):
+        run_stages(opened, ["export"], rundir=rundir, progress=False)
+    report = read_report(rundir)  # the fine-tune itself finished and is kept
+    assert not report["budget"]["within"] and report["params"] > 40_000
+    assert not (rundir.path / "export" / "model.pt").exists()
+    anyway = load_recipe(None, _tiny(tmp_path / "runs", "finetune.gated.init=3.0", "finetune.gated.sparsity=0",
+                                     "export.over_budget=true"))
+    assert run_stages(anyway, ["export"], rundir=rundir, progress=False)[1]["export"]["checked"]
 
 
 @pytest.mark.slow
