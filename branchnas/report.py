@@ -173,7 +173,7 @@ def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
     """The budget check and, for the gated variant, how much each task specialised."""
     out = []
     budget = finetune.get("budget") or {}
-    if budget.get("limit") is not None:
+    if budget.get("limit") is not None and budget.get("within") is not None:
         verdict = "fits" if budget["within"] else "**does not fit**"
         out += [f"The finished network {verdict} the budget: {format_count(budget['size'])} of "
                 f"{format_count(budget['limit'])} {budget['metric']} (fvcore, measured on the network itself)."

@@ -347,3 +347,20 @@ def test_report_lists_an_unchecked_export(run):
     assert "- torchscript: `" in text and "not checked (export.check = false)" in text
     run_stage(recipe, rundir, "export")  # as the other tests expect
     assert "max abs difference to eager" in write_report(rundir).read_text()
+
+
+def test_a_latency_budget_is_not_claimed_checked_by_the_fine_tune(tmp_path, monkeypatch):
+    """The fine-tune measures params and FLOPs, not latency: a latency budget is left unchecked."""
+    from types import SimpleNamespace
+
+    from branchnas.stages import search
+
+    result = SimpleNamespace(metric="latency", budget=0.002)
+    monkeypatch.setattr(search, "read_result", lambda rundir: (result, {}))
+    check = finetune._budget_check(None, {"params": 10, "flops": 20})
+    assert check == {"metric": "latency", "limit": 0.002, "size": None, "within": None}
+    result.metric = "params"
+    assert finetune._budget_check(None, {"params": 10, "flops": 20})["within"] is False
+    report = {"tasks": [], "single_task": {"test": {}}, "test": {}, "delta_per_task": {}, "params": 10, "flops": 20,
+              "delta_mtl": 0.0, "budget": check}
+    assert "budget" not in finetune.report_table(report)
