@@ -4,7 +4,7 @@ GradDrop, IMTL and GradVac."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +82,25 @@ def _backward_with_shared(total: Tensor, shared: Sequence[Tensor], update: Tenso
         offset += n
 
 
+def _backward_with_surgery(weighted: Sequence[Tensor], shared: Sequence[Tensor],
+                           surgery: Callable[[Tensor], tuple[Tensor, Any]]) -> Any:
+    """Backpropagate ``Σ weighted``, the shared parameters getting ``surgery(task gradients)[0]``.
+
+    ``surgery`` maps the ``(T, N)`` per-task gradients of the shared parameters to the flat
+    update that replaces their summed gradient, and anything else it wants returned. With one
+    task or no trainable shared parameter the plain sum is backpropagated (and ``surgery``
+    never runs, so it draws no random numbers); the result is then ``None``.
+    """
+    shared = _trainable(shared)
+    if len(weighted) < 2 or not shared:
+        sum(weighted).backward()  # type: ignore[union-attr]
+        return None
+    update, extra = surgery(_task_gradients(weighted, shared))
+    # The plain backward gives the task-specific gradients; the shared ones are replaced.
+    _backward_with_shared(sum(weighted), shared, update)  # type: ignore[arg-type]
+    return extra
+
+
 def _grad_norm(loss: Tensor, shared: Sequence[Tensor]) -> float:
     """``‖∇ loss‖`` over every ``shared`` tensor together (one device sync)."""
     grads = [g for g in torch.autograd.grad(loss, list(shared), retain_graph=True, allow_unused=True) if g is not None]
@@ -103,16 +122,12 @@ class PCGrad(LossWeighting):
     def backward(self, losses: Mapping[str, Tensor], shared: Sequence[Tensor]) -> dict[str, float]:
         weights = self.weights(losses)
         names = list(losses)
-        weighted = [weights[name] * losses[name] for name in names]
-        shared = _trainable(shared)
-        if len(names) < 2 or not shared:
-            sum(weighted).backward()  # type: ignore[union-attr]
-            return weights
-        flat = _task_gradients(weighted, shared)
-        orders = [torch.randperm(len(names), generator=self.generator).tolist() for _ in names]
-        update = project_conflicting(flat, orders).sum(0)
-        # The plain backward gives the task-specific gradients; the shared ones are replaced.
-        _backward_with_shared(sum(weighted), shared, update)  # type: ignore[arg-type]
+
+        def surgery(flat: Tensor) -> tuple[Tensor, None]:
+            orders = [torch.randperm(len(names), generator=self.generator).tolist() for _ in names]
+            return project_conflicting(flat, orders).sum(0), None
+
+        _backward_with_surgery([weights[name] * losses[name] for name in names], shared, surgery)
         return weights
 
 
@@ -349,15 +364,12 @@ class GradDrop(LossWeighting):
 
     def backward(self, losses: Mapping[str, Tensor], shared: Sequence[Tensor]) -> dict[str, float]:
         weights = self.weights(losses)
-        names = list(losses)
-        weighted = [weights[name] * losses[name] for name in names]
-        shared = _trainable(shared)
-        if len(names) < 2 or not shared:
-            sum(weighted).backward()  # type: ignore[union-attr]
-            return weights
-        flat = _task_gradients(weighted, shared)
-        uniform = torch.rand(flat.shape[1], generator=self.generator).to(flat.device)
-        _backward_with_shared(sum(weighted), shared, drop_signs(flat, uniform, self.leak))  # type: ignore[arg-type]
+
+        def surgery(flat: Tensor) -> tuple[Tensor, None]:
+            uniform = torch.rand(flat.shape[1], generator=self.generator).to(flat.device)
+            return drop_signs(flat, uniform, self.leak), None
+
+        _backward_with_surgery([weights[name] * losses[name] for name in losses], shared, surgery)
         return weights
 
 
@@ -505,15 +517,15 @@ class GradVac(_TaskState):
         names = list(losses)
         indices = self._indices(names)
         rho = {name: self._recipe_weight(name) for name in names}
-        weighted = [rho[name] * losses[name] for name in names]
-        shared = _trainable(shared)
-        if len(names) < 2 or not shared:
-            sum(weighted).backward()  # type: ignore[union-attr]
+
+        def surgery(flat: Tensor) -> tuple[Tensor, Tensor]:
+            orders = [torch.randperm(len(names), generator=self.generator).tolist() for _ in names]
+            vaccinated, coef = self.vaccinate(flat, indices, orders)
+            return vaccinated.sum(0), coef
+
+        coef = _backward_with_surgery([rho[name] * losses[name] for name in names], shared, surgery)
+        if coef is None:
             return rho
-        flat = _task_gradients(weighted, shared)
-        orders = [torch.randperm(len(names), generator=self.generator).tolist() for _ in names]
-        vaccinated, coef = self.vaccinate(flat, indices, orders)
-        _backward_with_shared(sum(weighted), shared, vaccinated.sum(0))  # type: ignore[arg-type]
         return {name: rho[name] * float(c) for name, c in zip(names, coef.sum(0), strict=True)}
 
     def state_dict(self) -> dict[str, Any]:
