@@ -292,7 +292,12 @@ def finetune_tree(
     from branchnas.data import load_splits
     from branchnas.tasks import delta_mtl
     from branchnas.training import Trainer, evaluate
-    from branchnas.training.history import HISTORY_CSV, write_history_csv
+    from branchnas.training.history import (
+        HISTORY_CSV,
+        TENSORBOARD_DIR,
+        log_epoch_to_tensorboard,
+        write_history_csv,
+    )
     from branchnas.variants import get_variant
     from branchnas.weighting import get_weighting
 
@@ -308,6 +313,8 @@ def finetune_tree(
 
     def log_epoch(info: Mapping[str, Any]) -> None:
         write_history_csv(history_path, info["history"])  # a person can follow a long run
+        if recipe.finetune.log == "tensorboard":
+            log_epoch_to_tensorboard(out_dir / TENSORBOARD_DIR, info["history"][-1])
 
     splits, tasks = splits if splits is not None else load_splits(recipe)
     baseline_test = single_task_metrics(rundir, "test")

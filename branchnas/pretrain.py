@@ -105,7 +105,11 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
         return
     from branchnas.data import load_splits
     from branchnas.training import Trainer, evaluate_models
-    from branchnas.training.history import write_history_csv
+    from branchnas.training.history import (
+        TENSORBOARD_DIR,
+        log_epoch_to_tensorboard,
+        write_history_csv,
+    )
 
     splits, all_tasks = load_splits(recipe)
     by_name = {t.name: t for t in all_tasks}
@@ -122,6 +126,8 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
         history = info["history"]
         for name in history[-1]["train_loss"]:
             write_history_csv(history_file(folder, name), history)
+            if recipe.pretrain.log == "tensorboard":
+                log_epoch_to_tensorboard(folder / TENSORBOARD_DIR / name, history[-1])
 
     if cfg.concurrent:
         trainer = Trainer(models, tasks, cfg, batch_size=batch, seed=recipe.seed, checkpoint=ckpt,

@@ -115,6 +115,9 @@ class TrainConfig:
     warmup_epochs: int = field(default=0, metadata=_spec("linear warm-up epochs", min=0))
     patience: int = field(default=0, metadata=_spec("early-stopping patience in epochs on the validation metric (0 = off)", min=0))
     grad_clip: float = field(default=0.0, metadata=_spec("clip each model's gradient norm (0 = off)", min=0.0))
+    log: str = field(default="csv", metadata=_choices(
+        "csv", "tensorboard", doc="per-epoch training log: csv (history CSV files, always written), or tensorboard "
+        "(also event files under tensorboard/; pip install 'branchnas[tensorboard]')"))
     device: str = field(default="auto", metadata=_spec("auto, cpu, cuda or cuda:N"))
 
 

@@ -364,3 +364,36 @@ def test_a_latency_budget_is_not_claimed_checked_by_the_fine_tune(tmp_path, monk
     report = {"tasks": [], "single_task": {"test": {}}, "test": {}, "delta_per_task": {}, "params": 10, "flops": 20,
               "delta_mtl": 0.0, "budget": check}
     assert "budget" not in finetune.report_table(report)
+
+
+@pytest.mark.slow
+def test_tensorboard_log_holds_the_history(run, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe, rundir, _ = run
+    tree = finetune.load_tree(rundir.path / "search" / "tree.json")
+    logged = load_recipe(None, tiny_overrides(rundir.path.parent, "tiny", "finetune.log=tensorboard", "finetune.epochs=2"))
+    report = finetune.finetune_tree(logged, rundir, tree, tmp_path / "tb-run", desc="tb")
+    events = EventAccumulator(str(tmp_path / "tb-run" / "tensorboard"))
+    events.Reload()
+    history = report["training"]["history"]
+    for tag, pick in [("train_loss/shape", lambda h: h["train_loss"]["shape"]),
+                      ("val/segmentation/miou", lambda h: h["val"]["segmentation"]["miou"])]:
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([pick(h) for h in history], rel=1e-6)
+
+
+def test_tensorboard_without_its_package_is_refused_before_any_work(tmp_path, monkeypatch):
+    import importlib
+
+    from branchnas.errors import UserError
+    from branchnas.pipeline import check
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "tensorboard" else real(name, *a, **k))
+    recipe = load_recipe(None, tiny_overrides(tmp_path, "tiny", "pretrain.log=tensorboard"))
+    with pytest.raises(UserError, match=r"pip install 'branchnas\[tensorboard\]'"):
+        check(recipe, ["pretrain"])
+    assert not (tmp_path / "tiny").exists()

@@ -13,7 +13,7 @@ from typing import Any
 
 from branchnas.errors import UserError
 
-__all__ = ["splits_of", "clear_cache", "check_device", "check_package"]
+__all__ = ["splits_of", "clear_cache", "check_device", "check_log", "check_package"]
 
 _CACHE: dict[str, Any] = {}
 
@@ -55,6 +55,13 @@ def check_package(module: str, what: str, install: str) -> None:
     """``module`` is importable, else say what needs it and what to install."""
     if importlib.util.find_spec(module) is None:
         raise UserError(f"{what} needs the '{module}' package, which is not installed; {install}")
+
+
+def check_log(log: str, key: str) -> None:
+    """``log = "tensorboard"`` needs the tensorboard package."""
+    if log == "tensorboard":
+        check_package("tensorboard", f"{key} = 'tensorboard'",
+                      "pip install 'branchnas[tensorboard]', or set it to 'csv'")
 
 
 def clear_cache() -> None:

@@ -24,7 +24,7 @@ __all__ = ["FinetuneStage", "read_report", "load_finetuned", "model_path"]
 
 #: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_*`` are read
 #: only by ``branchnas compare``, ``device`` says where it runs (as in stage 1).
-NOT_FINGERPRINTED = ("compare_random", "compare_variants", "compare_weightings", "device")
+NOT_FINGERPRINTED = ("compare_random", "compare_variants", "compare_weightings", "device", "log")
 
 
 @register_stage
@@ -70,12 +70,13 @@ class FinetuneStage(Stage):
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         from branchnas.finetune import check_variant
-        from branchnas.stages._checks import check_device, splits_of
+        from branchnas.stages._checks import check_device, check_log, splits_of
 
         check_variant(recipe)  # an unknown variant is refused before the data is opened
         if recipe.finetune.variant != "plain":
             check_variant(recipe, task_names=[t.name for t in splits_of(recipe)[1]])
         check_device(recipe.finetune.device, "finetune.device")
+        check_log(recipe.finetune.log, "finetune.log")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from branchnas.finetune import finetune_tree

@@ -31,11 +31,11 @@ class PretrainStage(Stage):
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
         """Data, tasks, backbone, ``[pretrain]`` and the seed.
 
-        ``pretrain.device`` and ``pretrain.concurrent`` decide where and how the models
-        train, not what they compute, so they are left out.
+        ``pretrain.device``, ``pretrain.concurrent`` and ``pretrain.log`` decide where and how
+        the models train and are logged, not what they compute, so they are left out.
         """
         train = dataclasses.asdict(recipe.pretrain)
-        for key in ("device", "concurrent"):
+        for key in ("device", "concurrent", "log"):
             train.pop(key, None)
         return {
             "data": dataclasses.asdict(recipe.data),
@@ -47,10 +47,11 @@ class PretrainStage(Stage):
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         from branchnas.pretrain import task_names
-        from branchnas.stages._checks import check_device, splits_of
+        from branchnas.stages._checks import check_device, check_log, splits_of
 
         select_tasks(task_names(recipe), options.get("tasks"))
         check_device(recipe.pretrain.device, "pretrain.device")
+        check_log(recipe.pretrain.log, "pretrain.log")
         splits_of(recipe)  # the data opens and every task's target is there
         _check_backbone(recipe)
 

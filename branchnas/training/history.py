@@ -19,7 +19,11 @@ from typing import Any
 
 from branchnas.rundir import atomic_write_text
 
-__all__ = ["HISTORY_CSV", "history_columns", "history_rows", "write_history_csv", "read_history_csv"]
+__all__ = ["HISTORY_CSV", "TENSORBOARD_DIR", "history_columns", "history_rows", "write_history_csv",
+           "read_history_csv", "log_epoch_to_tensorboard"]
+
+#: The folder, inside a stage's folder, of TensorBoard event files (``log = "tensorboard"``).
+TENSORBOARD_DIR = "tensorboard"
 
 #: The file name of one model's history in its output folder.
 HISTORY_CSV = "history.csv"
@@ -101,3 +105,23 @@ def read_history_csv(path: str | Path) -> list[dict[str, float | str | None]]:
     """The rows of a history CSV: numbers as floats, empty cells as ``None``."""
     with open(path, newline="") as fh:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def log_epoch_to_tensorboard(log_dir: str | Path, entry: Mapping[str, Any]) -> None:
+    """Append one epoch of the history to TensorBoard event files in ``log_dir``.
+
+    Every numeric column of :func:`history_columns` but ``epoch`` becomes a scalar (tag
+    ``train_loss/shape``, ``val/shape/accuracy``, ...) at step ``epoch``. A resumed run appends
+    the epochs it adds. Needs the ``tensorboard`` package (the stage checks before any work).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    flat = _flatten(entry)
+    step = int(flat.get("epoch", 0))
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for tag, value in flat.items():
+            if tag != "epoch" and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                writer.add_scalar(tag, float(value), global_step=step)
+    finally:
+        writer.close()

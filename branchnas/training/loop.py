@@ -199,7 +199,7 @@ class Trainer:
 
     def _config(self) -> dict[str, Any]:
         cfg = _cfg_dict(self.cfg)
-        for key in ("device", "concurrent"):  # where and how it runs, not what it computes
+        for key in ("device", "concurrent", "log"):  # where and how it runs and logs, not what it computes
             cfg.pop(key, None)
         for key in [k for k in cfg if k.startswith("compare_")]:  # read only by `branchnas compare`
             cfg.pop(key)
