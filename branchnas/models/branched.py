@@ -250,10 +250,7 @@ class BranchedNet(nn.Module):
                          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Like :meth:`forward`, also returning every computed node's output ``{node: features}``
         (``"stem"`` included); :meth:`task_path` says which nodes a task passes through."""
-        wanted: list[str] = self.task_names if tasks is None else tasks
-        for t in wanted:
-            if t not in self.task_names:
-                raise ValueError("BranchedNet: unknown task '" + t + "'; the tasks are " + ", ".join(self.task_names))
+        wanted = self._wanted(tasks)
         features: dict[str, Tensor] = {"stem": self.stem(x)}
         i = 0
         for name, node in self.nodes.items():
@@ -264,13 +261,25 @@ class BranchedNet(nn.Module):
             if needed:
                 features[name] = node(features[self.node_parents[i]])
             i += 1
+        return self._run_heads(features, wanted), features
+
+    def _wanted(self, tasks: list[str] | None) -> list[str]:
+        """The tasks to compute (default: all), each checked to be one of the network's."""
+        wanted: list[str] = self.task_names if tasks is None else tasks
+        for t in wanted:
+            if t not in self.task_names:
+                raise ValueError("BranchedNet: unknown task '" + t + "'; the tasks are " + ", ".join(self.task_names))
+        return wanted
+
+    def _run_heads(self, features: dict[str, Tensor], wanted: list[str]) -> dict[str, Tensor]:
+        """``{task: head output}`` for the ``wanted`` tasks, each head reading ``head_inputs``."""
         out: dict[str, Tensor] = {}
         j = 0
         for task, head in self.heads.items():
             if task in wanted:
                 out[task] = head(features[self.head_inputs[j]])
             j += 1
-        return out, features
+        return out
 
     @torch.jit.unused
     def shared_tasks(self) -> list[str]:

@@ -376,10 +376,7 @@ class GatedNet(BranchedNet):
     def forward_features(self, x: Tensor, tasks: list[str] | None = None
                          ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """As :meth:`BranchedNet.forward_features`; features are keyed ``"<node>:<task>"``."""
-        wanted: list[str] = self.task_names if tasks is None else tasks
-        for t in wanted:
-            if t not in self.task_names:
-                raise ValueError("GatedNet: unknown task '" + t + "'; the tasks are " + ", ".join(self.task_names))
+        wanted = self._wanted(tasks)
         features: dict[str, Tensor] = {"stem": self.stem(x)}
         i = 0
         for name, node in self.nodes.items():
@@ -394,13 +391,7 @@ class GatedNet(BranchedNet):
                     features[name + ":" + t] = outs[k]
                     k += 1
             i += 1
-        out: dict[str, Tensor] = {}
-        j = 0
-        for task, head in self.heads.items():
-            if task in wanted:
-                out[task] = head(features[self.head_inputs[j]])
-            j += 1
-        return out, features
+        return self._run_heads(features, wanted), features
 
     @torch.jit.unused
     def task_path(self, task: str) -> list[str]:
