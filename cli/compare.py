@@ -52,6 +52,8 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
     if variants is not None:
         names = [v.strip() for v in variants.split(",") if v.strip()]
         overrides = (*overrides, "finetune.compare_variants=[" + ", ".join(f'"{v}"' for v in names) + "]")
+    from branchnas.report import write_report
+
     if weightings is not None:
         from branchnas.compare import weighting_names
 
@@ -61,6 +63,7 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
         resolved = load(recipe, overrides)
         _say_cost(resolved)
         rundir, outcome = run_stage_command(resolved, "compare", force=force)
+        write_report(rundir)  # report.md holds the comparison, as after `branchnas run`
     if as_json:
         emit_json({"run_dir": str(rundir.path), "skipped": bool(outcome.get("skipped")),
                    **read_comparison(rundir)})

@@ -277,6 +277,8 @@ def test_compare_json_is_compare_json(finished, out):
     # compare's own fine-tunes log their epochs too.
     rows = read_history_csv(out / "tiny" / "compare" / "all-shared" / "history.csv")
     assert [r["epoch"] for r in rows] == [1.0, 2.0]
+    # report.md now holds the comparison, as after `branchnas run`.
+    assert "Compared models (`branchnas compare`)" in (out / "tiny" / "report.md").read_text()
 
 
 def _same(a, b):
