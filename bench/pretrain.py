@@ -10,16 +10,25 @@ Repeats are interleaved so that slow drifts of a shared machine hit every way al
 ratio is taken per repeat against that repeat's sequential time, and the median is printed.
 Each way also reports how far its weights end from the sequential ones (0 = bit-identical).
 
+``--precision`` times the stage-1 training instead (the N models together, as
+``branchnas pretrain`` trains them) in fp32 and in bf16 autocast, interleaved the same way,
+and prints the bf16:fp32 throughput ratio. It also measures this machine's matmul peak
+(a 2048x2048 fp32 and bf16 matmul) and states each precision's training throughput as a share
+of its peak. FLOPs are real ones (a multiply-add is 2): a training step counts 3 forward
+passes (forward, and a backward of about twice its cost), each 2x fvcore's multiply-adds.
+
 Examples:
     python bench/pretrain.py                                  # default shapes data, tiny epochs
     python bench/pretrain.py --size 32 --num-train 512 --repeats 5 --threads 1
     python bench/pretrain.py --device cuda --num-train 4096   # on a GPU
+    python bench/pretrain.py --precision --size 32 --num-train 512 --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -40,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
+    parser.add_argument("--precision", action="store_true",
+                        help="time stage-1 training in fp32 vs bf16 and against the matmul peak (instead of --modes)")
+    parser.add_argument("--peak-size", type=int, default=2048, help="--precision: side of the square peak matmul")
     args = parser.parse_args(argv)
 
     import torch
@@ -73,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    if args.precision:
+        _precision(args, recipe, tasks, train, initial, device, sync)
+        return
 
     def sequential() -> dict:
         models = copy.deepcopy(initial)
@@ -127,6 +143,95 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"{name:<12}{statistics.median(times[name]):>10.2f}{min(times[name]):>9.2f}"
               f"{statistics.median(ratios):>8.3f}  {diff:.2e}")
+    sys.stdout.flush()
+
+
+def _matmul_gflops(n: int, dtype, device, sync, seconds: float = 0.3) -> float:
+    """Best GFLOP/s (2 n^3 per product) of an n x n matmul over about ``seconds``, after a warm-up."""
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up: kernel choice, AMX tile set-up
+    best = float("inf")
+    spent, runs = 0.0, 0
+    while runs < 3 or spent < seconds:
+        sync()
+        started = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        elapsed = time.perf_counter() - started
+        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
+    return 2 * n**3 / best / 1e9
+
+
+def _precision(args, recipe, tasks, train, initial, device, sync) -> None:
+    """fp32 vs bf16 stage-1 training throughput, interleaved, and each against its matmul peak."""
+    import torch
+
+    from branchnas.cost import count_flops
+    from branchnas.training import Trainer
+    from branchnas.training.runtime import resolve_precision
+
+    resolve_precision("bf16", device, "--precision")  # a one-line reason where bf16 is not native
+    batch = recipe.data.batch_size
+    h, w = train.image_size
+    # fvcore counts a multiply-add as one flop: x2 for real FLOPs, x3 for forward + backward.
+    forward = sum(count_flops(m, torch.zeros(1, train.in_channels, h, w)) for m in initial.values())
+    per_image = 3 * 2 * forward
+    configs = {p: dataclasses.replace(recipe.pretrain, precision=p) for p in ("fp32", "bf16")}
+
+    def train_once(cfg) -> tuple[dict, float]:
+        models = copy.deepcopy(initial)
+        trainer = Trainer(models, tasks, cfg, batch_size=batch, seed=recipe.seed, augment=recipe.data.augment,
+                          progress=False)
+        sync()
+        started = time.perf_counter()
+        trainer.fit(train)
+        sync()
+        return models, time.perf_counter() - started
+
+    concurrent = Trainer(copy.deepcopy(initial), tasks, configs["bf16"], batch_size=batch, seed=recipe.seed,
+                         progress=False).concurrent
+    print(f"device {device} ({torch.get_num_threads()} CPU threads), {len(tasks)} models "
+          f"({recipe.backbone.name} width {recipe.backbone.width}, concurrent {concurrent}), {len(train)} train "
+          f"images {h}x{w}, batch {batch}, {args.epochs} epoch(s), {args.repeats} repeats; "
+          f"{per_image / 1e9:.3f} GFLOP per training image (all models)", flush=True)
+    warm = train.subset(range(min(len(train), 2 * batch))) if hasattr(train, "subset") else train
+    for precision in configs:  # untimed: allocator, oneDNN/cuDNN kernel choice
+        Trainer(copy.deepcopy(initial), tasks, dataclasses.replace(configs[precision], epochs=1), batch_size=batch,
+                seed=recipe.seed, progress=False).fit(warm)
+    images = len(train) * args.epochs
+    rates: dict[str, list[float]] = {p: [] for p in configs}
+    peaks: dict[str, list[float]] = {p: [] for p in configs}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    finals: dict[str, dict] = {}
+    for repeat in range(args.repeats):
+        order = list(configs) if repeat % 2 == 0 else list(reversed(configs))
+        for precision in order:
+            finals[precision], seconds = train_once(configs[precision])
+            rates[precision].append(images / seconds)
+            peaks[precision].append(_matmul_gflops(args.peak_size, dtypes[precision], device, sync))
+        print("  repeat", repeat + 1, " ".join(
+            f"{p} {rates[p][-1]:.1f} img/s (peak {peaks[p][-1]:.0f} GFLOP/s)" for p in configs), flush=True)
+
+    peak = {p: max(v) for p, v in peaks.items()}
+    print(f"\n{'precision':<10}{'img/s':>10}{'GFLOP/s':>10}{'matmul peak':>13}{'of peak':>9}")
+    for precision in configs:
+        rate = statistics.median(rates[precision])
+        gflops = rate * per_image / 1e9
+        print(f"{precision:<10}{rate:>10.1f}{gflops:>10.1f}{peak[precision]:>13.0f}{gflops / peak[precision]:>9.1%}")
+    ratios = [b / f for b, f in zip(rates["bf16"], rates["fp32"], strict=True)]
+    diff = max(
+        (a.float() - b.float()).abs().max().item()
+        for t in tasks
+        for a, b in zip(finals["bf16"][t.name].state_dict().values(),
+                        finals["fp32"][t.name].state_dict().values(), strict=True)
+        if a.is_floating_point()
+    )
+    print(f"bf16:fp32 training throughput {statistics.median(ratios):.2f} (median of {len(ratios)} repeats; "
+          f"range {min(ratios):.2f}-{max(ratios):.2f}); matmul peak bf16:fp32 {peak['bf16'] / peak['fp32']:.2f}; "
+          f"max |w_bf16 - w_fp32| {diff:.2e}")
     sys.stdout.flush()
 
 

@@ -335,8 +335,8 @@ def finetune_tree(
     # The static network (pruned, for the gated variant) is what is evaluated, costed and saved.
     net = variant_obj.finalise(trained)
     batch = recipe.data.batch_size
-    val = evaluate(net, tasks, splits["val"], batch)
-    test = evaluate(net, tasks, splits["test"], batch)
+    val = evaluate(net, tasks, splits["val"], batch, precision=cfg.precision)
+    test = evaluate(net, tasks, splits["test"], batch, precision=cfg.precision)
     net = net.cpu().eval()
     data = splits["train"]
     cost = model_cost(net, data.in_channels, data.image_size)

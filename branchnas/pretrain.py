@@ -143,7 +143,8 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
             results.update(trainer.fit(train, splits["val"]))
     seconds = time.time() - started
     chance = chance_metrics(tasks, train, splits["test"], batch)
-    tests = evaluate_models([(models[t.name], [t]) for t in tasks], splits["test"], batch)
+    tests = evaluate_models([(models[t.name], [t]) for t in tasks], splits["test"], batch,
+                            precision=recipe.pretrain.precision)
     for t, test in zip(tasks, tests, strict=True):
         model = models[t.name]
         result = results[t.name]

@@ -119,6 +119,9 @@ class TrainConfig:
         "csv", "tensorboard", doc="per-epoch training log: csv (history CSV files, always written), or tensorboard "
         "(also event files under tensorboard/; pip install 'branchnas[tensorboard]')"))
     device: str = field(default="auto", metadata=_spec("auto, cpu, cuda or cuda:N"))
+    precision: str = field(default="fp32", metadata=_choices(
+        "fp32", "bf16", "auto", doc="forward passes in fp32, or under bf16 autocast (losses and metrics stay "
+        "fp32); auto = bf16 where the device does bf16 in hardware (CUDA Ampere+, CPU with AVX-512 BF16 or AMX)"))
 
 
 @dataclass

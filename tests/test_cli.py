@@ -70,7 +70,8 @@ def test_a_user_error_is_one_line_exit_2_and_no_traceback(in_tmp):
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("TORCH_IMPORTED")]
     assert lines == [
         "Error: pretrain.epoch: unknown key (did you mean 'epochs'?); valid keys here: epochs, lr, "
-        "optimizer, momentum, weight_decay, schedule, warmup_epochs, patience, grad_clip, log, device, concurrent"
+        "optimizer, momentum, weight_decay, schedule, warmup_epochs, patience, grad_clip, log, device, precision, "
+        "concurrent"
     ]
     assert "Traceback" not in proc.stderr
 

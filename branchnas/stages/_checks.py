@@ -1,4 +1,4 @@
-"""Checks that several stages share: the data layout, the device, optional packages.
+"""Checks that several stages share: the data layout, the device and its precision, optional packages.
 
 Each raises a one-line :class:`~branchnas.errors.UserError` naming the problem and the fix,
 and writes nothing. The data is opened once per recipe and check pass (:func:`splits_of`).
@@ -13,7 +13,7 @@ from typing import Any
 
 from branchnas.errors import UserError
 
-__all__ = ["splits_of", "clear_cache", "check_device", "check_log", "check_package"]
+__all__ = ["splits_of", "clear_cache", "check_device", "check_log", "check_package", "check_precision"]
 
 _CACHE: dict[str, Any] = {}
 
@@ -49,6 +49,15 @@ def check_device(value: str, key: str) -> None:
         if index >= count:
             raise UserError(f"{key}: {value!r} asked for, but torch sees {count} CUDA device(s); "
                             "use auto or cpu")
+
+
+def check_precision(precision: str, device: str, key: str) -> None:
+    """``precision = "bf16"`` only where ``device`` (a checked spec) does bf16 in hardware."""
+    if precision != "bf16":
+        return  # fp32 runs anywhere; auto falls back to fp32
+    from branchnas.training.runtime import resolve_device, resolve_precision
+
+    resolve_precision(precision, resolve_device(device), key)
 
 
 def check_package(module: str, what: str, install: str) -> None:

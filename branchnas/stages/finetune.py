@@ -52,6 +52,8 @@ class FinetuneStage(Stage):
         The data, tasks and backbone also reach it through pretrain's fingerprint.
         """
         finetune = {k: v for k, v in dataclasses.asdict(recipe.finetune).items() if k not in NOT_FINGERPRINTED}
+        if finetune.get("precision") == "fp32":  # what every run computed before the key existed: keyed as before
+            finetune.pop("precision")
         if recipe.finetune.variant != "gated":
             finetune.pop("gated")  # the gates' settings change only the gated variant
         return {
@@ -70,12 +72,13 @@ class FinetuneStage(Stage):
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         from branchnas.finetune import check_variant
-        from branchnas.stages._checks import check_device, check_log, splits_of
+        from branchnas.stages._checks import check_device, check_log, check_precision, splits_of
 
         check_variant(recipe)  # an unknown variant is refused before the data is opened
         if recipe.finetune.variant != "plain":
             check_variant(recipe, task_names=[t.name for t in splits_of(recipe)[1]])
         check_device(recipe.finetune.device, "finetune.device")
+        check_precision(recipe.finetune.precision, recipe.finetune.device, "finetune.precision")
         check_log(recipe.finetune.log, "finetune.log")
 
     def run(self, ctx: StageContext) -> dict[str, Any]:

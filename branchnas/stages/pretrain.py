@@ -37,6 +37,8 @@ class PretrainStage(Stage):
         train = dataclasses.asdict(recipe.pretrain)
         for key in ("device", "concurrent", "log"):
             train.pop(key, None)
+        if train.get("precision") == "fp32":  # what every run computed before the key existed: keyed as before
+            train.pop("precision")
         return {
             "data": dataclasses.asdict(recipe.data),
             "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
@@ -47,10 +49,11 @@ class PretrainStage(Stage):
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         from branchnas.pretrain import task_names
-        from branchnas.stages._checks import check_device, check_log, splits_of
+        from branchnas.stages._checks import check_device, check_log, check_precision, splits_of
 
         select_tasks(task_names(recipe), options.get("tasks"))
         check_device(recipe.pretrain.device, "pretrain.device")
+        check_precision(recipe.pretrain.precision, recipe.pretrain.device, "pretrain.precision")
         check_log(recipe.pretrain.log, "pretrain.log")
         splits_of(recipe)  # the data opens and every task's target is there
         _check_backbone(recipe)

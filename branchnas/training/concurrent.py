@@ -18,7 +18,9 @@ the same computation as training each alone. Two ways to run them (``concurrent`
 batched kernel replaces N small ones, and ``"shared"`` on CPU. There one model's step
 already keeps the cores busy (ResNet-20, 32x32, batch 64: ~100 ms per model and step against
 <1 ms to load and flip the batch), and oneDNN's grouped convolutions, which ``vmap`` lowers
-to, measured 1.2-1.4x slower than N separate ones (``bench/pretrain.py``).
+to, measured 1.2-1.4x slower than N separate ones (``bench/pretrain.py``). With
+``precision = "bf16"`` on CPU, ``"shared"`` is the only way: CPU autocast leaves the vmapped
+convolutions in fp32.
 
 This module holds :class:`SingleTaskModel` (encoder + head, the shape that can be stacked),
 the check whether a group of models can be stacked, and the stacked encoders themselves;

@@ -1,7 +1,8 @@
 """Measuring models: every metric of every task on a split, several models in one pass.
 
 Each task's meter (:meth:`branchnas.tasks.Task.meter`) accumulates over the batches; the
-models run in eval mode under the same autocast as training and keep their train/eval mode.
+models run in eval mode in the given precision (``bf16``: under autocast, as in training, with
+the outputs cast to fp32 before the meters) and keep their train/eval mode.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch import nn
 from branchnas.training.runtime import (
     _autocast,
     _batches,
+    _float_outputs,
     _model_device,
     _to_device,
     resolve_device,
+    resolve_precision,
 )
 
 __all__ = ["evaluate", "evaluate_models"]
@@ -25,8 +28,12 @@ __all__ = ["evaluate", "evaluate_models"]
 
 @torch.no_grad()
 def _evaluate_members(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset: Any, batch_size: int,
-                      device: torch.device, channels_last: bool) -> list[dict[str, dict[str, float]]]:
-    """Evaluate several models on one pass over ``dataset`` (each batch is loaded once)."""
+                      device: torch.device, channels_last: bool,
+                      precision: str) -> list[dict[str, dict[str, float]]]:
+    """Evaluate several models on one pass over ``dataset`` (each batch is loaded once).
+
+    ``precision`` is a resolved one: ``fp32`` or ``bf16``.
+    """
     meters = [{t.name: t.meter() for t in tasks} for _, tasks in models]
     modes = [model.training for model, _ in models]
     for model, _ in models:
@@ -35,10 +42,11 @@ def _evaluate_members(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset
         for images, targets in _batches(dataset, batch_size, shuffle=False, seed=0, epoch=0, augment=False):
             images, targets = _to_device(images, targets, device, channels_last)
             for (model, tasks), meter in zip(models, meters, strict=True):
-                with _autocast(device):
+                with _autocast(device, precision):
                     outputs = model(images)
+                outputs = _float_outputs(outputs)  # the meters see fp32
                 for t in tasks:
-                    meter[t.name].update(outputs[t.name].float(), targets[t.target])
+                    meter[t.name].update(outputs[t.name], targets[t.target])
     finally:
         for (model, _), mode in zip(models, modes, strict=True):
             model.train(mode)
@@ -46,7 +54,8 @@ def _evaluate_members(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset
 
 
 def evaluate_models(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset: Any, batch_size: int,
-                    device: str | torch.device | None = None) -> list[dict[str, dict[str, float]]]:
+                    device: str | torch.device | None = None,
+                    precision: str = "fp32") -> list[dict[str, dict[str, float]]]:
     """:func:`evaluate` for several models in one pass over ``dataset`` (each batch loaded once).
 
     Args:
@@ -54,9 +63,14 @@ def evaluate_models(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset: 
         dataset: A :class:`branchnas.data.MultiTaskDataset` split.
         batch_size: Images per forward pass.
         device: Where to run; ``None`` keeps each model where it is (the first model's device).
+        precision: ``fp32``, ``bf16`` (autocast; the metrics stay fp32) or ``auto`` (bf16 where
+            the device does it in hardware), as the recipe's ``precision``.
 
     Returns:
         ``{task: {metric: value}}`` per model, in order.
+
+    Raises:
+        UserError: ``bf16`` where the hardware has no native bf16.
     """
     if not models:
         return []
@@ -64,13 +78,15 @@ def evaluate_models(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset: 
         target = _model_device(models[0][0])
     else:
         target = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    resolved = resolve_precision(precision, target)
     for model, _ in models:
         model.to(target)
-    return _evaluate_members([(m, list(t)) for m, t in models], dataset, batch_size, target, target.type == "cuda")
+    return _evaluate_members([(m, list(t)) for m, t in models], dataset, batch_size, target, target.type == "cuda",
+                             resolved)
 
 
 def evaluate(model: nn.Module, tasks: Sequence[Any], dataset: Any, batch_size: int,
-             device: str | torch.device | None = None) -> dict[str, dict[str, float]]:
+             device: str | torch.device | None = None, precision: str = "fp32") -> dict[str, dict[str, float]]:
     """Every metric of every task of ``model`` on ``dataset``.
 
     Args:
@@ -79,8 +95,9 @@ def evaluate(model: nn.Module, tasks: Sequence[Any], dataset: Any, batch_size: i
         dataset: A :class:`branchnas.data.MultiTaskDataset` split.
         batch_size: Images per forward pass.
         device: Where to run; ``None`` keeps the model where it is. The model is moved there.
+        precision: ``fp32``, ``bf16`` or ``auto``, as for :func:`evaluate_models`.
 
     Returns:
         ``{task: {metric: value}}``; the model keeps its train/eval mode.
     """
-    return evaluate_models([(model, tasks)], dataset, batch_size, device)[0]
+    return evaluate_models([(model, tasks)], dataset, batch_size, device, precision)[0]

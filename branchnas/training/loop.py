@@ -8,6 +8,8 @@ What a run does, epoch by epoch:
 * each step, the model's :class:`~branchnas.weighting.LossWeighting` does the backward pass,
   gradients are clipped per model (``grad_clip``), the optimizer (sgd, adam or adamw) steps
   at the learning rate of a per-step cosine (or constant) schedule with linear warm-up;
+* the forward passes run in ``cfg.precision``: fp32, or under bf16 autocast with the outputs
+  cast back to fp32 before the losses and metrics (:func:`~branchnas.training.runtime.resolve_precision`);
 * a NaN or infinite loss stops the run with :class:`~branchnas.errors.TrainingDiverged`;
 * after each epoch the model is evaluated on the validation split, the best epoch is kept
   (by the primary metric) and, with ``patience`` > 0, training stops early and the best
@@ -40,11 +42,13 @@ from branchnas.training.optim import _section, lr_factor
 from branchnas.training.runtime import (
     _autocast,
     _batches,
+    _float_outputs,
     _kernel_settings,
     _num_batches,
     _to_device,
     derive_seed,
     resolve_device,
+    resolve_precision,
 )
 
 __all__ = ["Trainer"]
@@ -103,7 +107,8 @@ class Trainer:
             raised there stops training (tuning prunes trials this way).
 
     Raises:
-        UserError: a bad device, optimizer or concurrent mode.
+        UserError: a bad device, precision (bf16 where the hardware has none), optimizer or
+            concurrent mode.
         ValueError: models and tasks do not match.
     """
 
@@ -148,6 +153,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.device = resolve_device(cfg.device, f"{self.section}.device")
+        self.precision = resolve_precision(getattr(cfg, "precision", "fp32"), self.device, f"{self.section}.precision")
         self.channels_last = self.device.type == "cuda"
         self.tasks = list(tasks)
         by_name = {t.name: t for t in self.tasks}
@@ -189,6 +195,10 @@ class Trainer:
             for member in self.members:  # score epochs against it (Δ_MTL vs single-task) instead of epoch 1
                 member.reference = {k: dict(v) for k, v in reference.items()}
         self.stack_reason = _stackable(self.members)
+        if not self.stack_reason and self.precision == "bf16" and self.device.type == "cpu":
+            # Measured: the vmapped convolutions come out fp32 under CPU autocast (it has no
+            # rule for aten::convolution, which vmap lowers conv2d to); CUDA's has one.
+            self.stack_reason = "bf16 on CPU does not reach the stacked (vmapped) convolutions"
         if concurrent == "stacked" and self.stack_reason and len(self.members) > 1:
             raise UserError(f"concurrent='stacked' is not possible here: {self.stack_reason}; use 'shared'")
         if concurrent == "auto":
@@ -203,6 +213,7 @@ class Trainer:
             cfg.pop(key, None)
         for key in [k for k in cfg if k.startswith("compare_")]:  # read only by `branchnas compare`
             cfg.pop(key)
+        cfg["precision"] = self.precision  # what it computes in: auto as resolved on this machine
         return {"train": cfg, "batch_size": self.batch_size, "seed": self.seed, "augment": self.augment}
 
     def _checkpoint_path(self, member: _Member) -> Path | None:
@@ -319,7 +330,7 @@ class Trainer:
                 stack.write_back()
         train_seconds = time.perf_counter() - started
         metrics = _evaluate_members([(m.model, m.tasks) for m in group], val, self.batch_size,
-                                    self.device, self.channels_last) if val is not None else None
+                                    self.device, self.channels_last, self.precision) if val is not None else None
         seconds = time.perf_counter() - started
         for i, m in enumerate(group):
             m.epoch = epoch + 1
@@ -393,11 +404,12 @@ class Trainer:
                 for opt in m.owned:
                     opt.zero_grad(set_to_none=True)
                 features = None
-                with _autocast(self.device):
+                with _autocast(self.device, self.precision):
                     if self.objective is not None and self.objective.wants_features:
                         outputs, features = m.model.forward_features(images)
                     else:
                         outputs = m.model(images)
+                outputs = _float_outputs(outputs)  # losses (and distillation) in fp32
                 losses = m.losses(outputs, targets)
                 if self.objective is not None:
                     losses = self.objective(images, outputs, losses, targets, features)
@@ -428,7 +440,7 @@ class Trainer:
                       epoch: int, index: int, lr: float) -> dict[str, dict[str, float]]:
         group = stack.members
         stack.optimizer.zero_grad(set_to_none=True)  # holds every head's parameters too
-        with _autocast(self.device):
+        with _autocast(self.device, self.precision):
             features = stack.forward(images)
         # Cut the graph at the encoder output: each weighting backpropagates its own losses
         # into its head and its slice of the features, then one backward pass runs through
@@ -437,9 +449,9 @@ class Trainer:
         all_losses, weights = [], {}
         for m, cut in zip(group, cuts, strict=True):
             with m.rng():
-                with _autocast(self.device):
+                with _autocast(self.device, self.precision):
                     output = m.model.head(cut)
-                losses = m.losses({m.model.task: output}, targets)
+                losses = m.losses(_float_outputs({m.model.task: output}), targets)
                 weights[m.name] = m.weighting.backward(losses, [cut])
             all_losses.append(losses)
         grads = torch.stack([c.grad if c.grad is not None else torch.zeros_like(c) for c in cuts])
