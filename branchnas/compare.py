@@ -55,6 +55,7 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
     from branchnas.finetune import finetune_tree, single_task_metrics
     from branchnas.stages.finetune import read_report
     from branchnas.stages.search import read_ranked
+    from branchnas.stages.tune import read_tuned
     from branchnas.tasks import delta_mtl
 
     chosen = read_report(rundir)
@@ -79,15 +80,18 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
     main = recipe.finetune.variant
     reports: dict[Any, dict[str, Any]] = {(chosen_tree.partitions, main, None): chosen}
 
-    def add(name: str, kind: str, tree: Tree, variant: str = main, where: str = "", weighting: Any = None) -> None:
-        key = (tree.partitions, variant, _weighting_key(weighting))
+    def add(name: str, kind: str, tree: Tree, variant: str = main, where: str = "", weighting: Any = None,
+            trained: dict[str, Any] | None = None) -> None:
+        key = (tree.partitions, variant, _weighting_key(weighting)) if trained is None else ("tuned",)
         run_recipe = recipe if weighting is None else dataclasses.replace(
             recipe, finetune=dataclasses.replace(recipe.finetune, weighting=weighting))
+        if trained is not None:
+            reports[key] = trained
         if key not in reports:
             reports[key] = finetune_tree(run_recipe, rundir, tree, folder / (where or name), desc=f"compare {name}",
                                          splits=(splits, tasks), variant=variant)
         report = reports[key]
-        same = tree.partitions == chosen_tree.partitions and kind not in ("chosen", "variant")
+        same = tree.partitions == chosen_tree.partitions and kind not in ("chosen", "variant", "tuned")
         budget = report.get("budget") or {}
         notes = ["the chosen tree"] if same else []
         if budget.get("within") is False:
@@ -110,6 +114,10 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
     for variant in recipe.finetune.compare_variants:
         if variant != main:
             add(f"chosen ({variant})", "variant", chosen_tree, variant, where=f"chosen-{variant}")
+    # The tuned network (`branchnas tune`: the best trial within the budget), as trained there.
+    tuned = read_tuned(rundir, recipe)
+    if tuned is not None:
+        add(f"tuned (gated, trial {tuned['tuned']['trial']})", "tuned", chosen_tree, "gated", trained=tuned)
     # The chosen tree under other loss weightings (finetune.compare_weightings), same seeds.
     for weighting in recipe.finetune.compare_weightings:
         if weighting != _weighting_key(recipe.finetune.weighting):

@@ -17,15 +17,19 @@ from typing import Any
 from branchnas.errors import UserError
 from branchnas.rundir import RunDir, StageResult
 from branchnas.stages import StageContext, closure, get_stage, stage_names
+from branchnas.stages._base import stage_config
 
 __all__ = ["plan", "check", "check_run_dir", "open_run", "run_stages", "run_pipeline", "default_stages"]
 
 Options = Mapping[str, Mapping[str, Any]]
 
 
-def default_stages() -> list[str]:
-    """The stages of ``branchnas run``: every registered stage that is not optional."""
-    return stage_names(include_optional=False)
+def default_stages(recipe: Any = None) -> list[str]:
+    """The stages of ``branchnas run``: every stage that is not optional, and those the recipe enables
+    (``tune.enabled``)."""
+    if recipe is None:
+        return stage_names(include_optional=False)
+    return [name for name in stage_names() if get_stage(name).enabled(recipe)]
 
 
 def plan(targets: Sequence[str], recipe: Any, options: Options | None = None) -> list[str]:
@@ -112,10 +116,7 @@ def run_stages(
 def _run_one(recipe: Any, rundir: RunDir, name: str, force: bool, options: Mapping[str, Any],
              progress: bool) -> StageResult:
     stage = get_stage(name)
-    config = stage.config(recipe, options)
-    extra = stage.fingerprint_extra(recipe, rundir, options)
-    if extra:
-        config = {**config, "keyed_on_content": extra}
+    config = stage_config(name, recipe, rundir, options)
 
     def body(folder: Path) -> dict[str, Any]:
         return stage.run(StageContext(recipe, rundir, folder, options, progress))
@@ -141,7 +142,7 @@ def run_pipeline(
             (``compare``) named here runs too.
         force: redo every stage.
     """
-    stages = default_stages()
+    stages = default_stages(recipe)
     everything = stage_names()
     for name in (start, until):
         if name is not None:

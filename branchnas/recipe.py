@@ -205,12 +205,32 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass
 class TuneConfig:
-    """The ``[tune]`` section: Optuna over gate sparsity and hinge targets (stage 5)."""
+    """The ``[tune]`` section: Optuna over the gated variant's sparsity and hinge targets (stage 5)."""
 
-    trials: int = field(default=20, metadata=_spec("Optuna trials", min=1))
-    storage: str = field(default="", metadata=_spec("Optuna RDB URL; empty = SQLite file in the run directory"))
-    sparsity_min: float = field(default=1e-3, metadata=_spec("lower bound of the sparsity weight", min=0.0))
-    sparsity_max: float = field(default=1.0, metadata=_spec("upper bound of the sparsity weight", min=0.0))
+    enabled: bool = field(default=False, metadata=_spec(
+        "run the tune stage in `branchnas run`; its best trial within the budget becomes the exported model"))
+    trials: int = field(default=12, metadata=_spec(
+        "finished trials (complete or pruned) the study should hold; `branchnas tune --trials N` adds N more", min=1))
+    timeout: float = field(default=0.0, metadata=_spec("start no new trial after this many seconds (0 = no limit)", min=0.0))
+    storage: str = field(default="", metadata=_spec(
+        "Optuna storage URL (postgresql://user@host/db); empty = SQLite <run dir>/tune-study/study.db. "
+        "Put a password in PGPASSWORD or ~/.pgpass, not here (it is masked wherever the URL is shown)"))
+    study: str = field(default="", metadata=_spec("study name; empty = <name>-<hash of the tree and the search space>"))
+    objective: str = field(default="delta", metadata=_choices(
+        "delta", "pareto", doc="delta: maximise val Δ_MTL; pareto: maximise val Δ_MTL and minimise size (a Pareto front)"))
+    sparsity_min: float = field(default=0.01, metadata=_spec("lower bound of λ_s (log-uniform)", min=0.0))
+    sparsity_max: float = field(default=30.0, metadata=_spec("upper bound of λ_s (log-uniform)", min=0.0))
+    grid: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.05, 0.07, 0.1], metadata=_spec(
+        "λ_s values enqueued as the first trials (GatedMTL's grid); [] = none"))
+    targets: str = field(default="shared", metadata=_choices(
+        "shared", "per_task", "fixed", doc="hinge targets τ: one tuned for all tasks, one tuned per task, or "
+        "finetune.gated.targets as set"))
+    target_min: float = field(default=0.0, metadata=_spec("lower bound of τ", min=0.0, max=1.0))
+    target_max: float = field(default=0.5, metadata=_spec("upper bound of τ", min=0.0, max=1.0))
+    lr: bool = field(default=False, metadata=_spec("also tune finetune.lr, log-uniform in [lr / 4, lr × 4]"))
+    pruner: str = field(default="median", metadata=_choices(
+        "median", "hyperband", "none", doc="stop unpromising trials early on their val Δ_MTL per epoch (objective delta)"))
+    pruner_startup: int = field(default=3, metadata=_spec("trials that finish before the median pruner prunes", min=0))
 
 
 @dataclass
@@ -415,10 +435,17 @@ def _check_recipe(recipe: Recipe) -> None:
         if task.name in seen:
             raise RecipeError(f"tasks[{i}].name: duplicate task name '{task.name}' (also tasks[{seen[task.name]}])")
         seen[task.name] = i
-    if recipe.tune.sparsity_min > recipe.tune.sparsity_max:
-        raise RecipeError(
-            f"tune.sparsity_min: expected <= tune.sparsity_max ({recipe.tune.sparsity_max}); got {recipe.tune.sparsity_min}"
-        )
+    tune = recipe.tune
+    if tune.sparsity_min > tune.sparsity_max:
+        raise RecipeError(f"tune.sparsity_min: expected <= tune.sparsity_max ({tune.sparsity_max}); got {tune.sparsity_min}")
+    if tune.sparsity_min <= 0:
+        raise RecipeError(f"tune.sparsity_min: expected > 0 (λ_s is searched log-uniformly); got {tune.sparsity_min}")
+    if tune.target_min > tune.target_max:
+        raise RecipeError(f"tune.target_min: expected <= tune.target_max ({tune.target_max}); got {tune.target_min}")
+    outside = [v for v in tune.grid if not tune.sparsity_min <= v <= tune.sparsity_max]
+    if outside:
+        raise RecipeError(f"tune.grid: {', '.join(f'{v:g}' for v in outside)} outside [tune.sparsity_min, "
+                          f"tune.sparsity_max] = [{tune.sparsity_min:g}, {tune.sparsity_max:g}]; widen the range or drop them")
     if recipe.search.budget:
         from branchnas.budget import parse_budget
         from branchnas.errors import BudgetError
@@ -568,8 +595,11 @@ def _toml_key(key: str) -> str:
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
-    """Write the resolved recipe as TOML (it reads back to an equal recipe)."""
+    """Write the resolved recipe as TOML (it reads back to an equal recipe, a storage password masked)."""
+    from branchnas.secrets import mask_url
+
     data = recipe_to_dict(recipe)
+    data["tune"]["storage"] = mask_url(data["tune"]["storage"])  # a password never reaches the saved recipe
     lines = []
     for key, value in data.items():
         if not isinstance(value, dict | list) or (isinstance(value, list) and not value):

@@ -84,7 +84,7 @@ def plot_delta_vs_params(models: Sequence[Mapping[str, Any]], path: str | Path) 
     from matplotlib.figure import Figure
 
     colours = {"single-task": "#55a868", "all-shared": "#8172b2", "chosen": "#c44e52",
-               "ranked": "#dd8452", "random": "#8c8c8c", "variant": "#da8bc3"}
+               "ranked": "#dd8452", "random": "#8c8c8c", "variant": "#da8bc3", "tuned": "#ccb974"}
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     seen = set()
@@ -124,7 +124,47 @@ def _models(rundir: RunDir, finetune: Mapping[str, Any] | None, extremes: Mappin
     if finetune:
         models.append({"name": "chosen", "kind": "chosen", "params": finetune["params"],
                        "delta_mtl": finetune["delta_mtl"]})
+    tuned = _tuned_report(rundir)
+    if tuned and "params" in tuned:
+        models.append({"name": f"tuned (trial {tuned['tuned']['trial']})", "kind": "tuned",
+                       "params": tuned["params"], "delta_mtl": tuned["delta_mtl"]})
     return models
+
+
+def _tuned_report(rundir: RunDir) -> dict[str, Any] | None:
+    """``tune/report.json`` when the tune stage is done."""
+    if not _done(rundir, "tune"):
+        return None
+    from branchnas.stages import get_stage
+
+    return get_stage("tune").read_json(rundir, "report.json")
+
+
+def _tune_section(rundir: RunDir) -> list[str]:
+    """The Optuna study of ``branchnas tune``: its best trials, the picture, and which network is final."""
+    tuned = _tuned_report(rundir)
+    if tuned is None:
+        return []
+    from branchnas.tuning import trials_table
+
+    tune, budget = tuned["tune"], tuned["tune"]["budget"]
+    best = tune["best"]
+    out = ["## Tuning (stage 5)", "",
+           f"Optuna study `{tune['study']}` ({tune['storage']}): {tune['finished']} finished trials "
+           f"({', '.join(f'{n} {s}' for s, n in tune['trials'].items())}). Each trial fine-tunes the chosen tree "
+           "with the gated variant under its λ_s and τ; the objective is val Δ_MTL (%), and a pruned network over "
+           f"the budget of {format_count(budget['limit']) if budget['limit'] else 'none'} {budget['metric']} is "
+           "infeasible. The best trials:", "", "```", trials_table(tune["rows"], budget["metric"], budget["limit"],
+                                                                  best=(best or {}).get("number"), top=8), "```", ""]
+    if best is None:
+        out += ["No trial fits the budget: the run's final network is stage 4's.", ""]
+    else:
+        out += [f"**The run's final network is trial {best['number']}**: {format_count(tuned['params'])} params, "
+                f"{format_count(tuned['flops'])} FLOPs, Δ_MTL {format_delta(tuned['delta_mtl'])} on test "
+                f"({format_delta(tuned['delta_mtl_val'])} on val). `branchnas export` writes it.", ""]
+    if (rundir.path / "tune" / "study.png").exists():
+        out += ["![tuning trials](tune/study.png)", ""]
+    return out
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -286,6 +326,7 @@ def write_report(rundir: RunDir) -> Path:
                 f"primary metric, signed so that positive is better) with {format_count(finetune['params'])} "
                 f"params and {format_count(finetune['flops'])} FLOPs.", ""]
         out += _variant_section(rundir, finetune)
+        out += _tune_section(rundir)
         models = _models(rundir, finetune, extremes)
         if models:
             plot_delta_vs_params(models, root / "delta_vs_params.png")
@@ -334,6 +375,12 @@ def summary(rundir: RunDir) -> str:
         from branchnas.finetune import report_table
 
         lines += ["Fine-tuned branched network (test):", report_table(finetune), ""]
+    tuned = _tuned_report(rundir)
+    if tuned and tuned["tune"]["best"] is not None:
+        from branchnas.finetune import report_table
+
+        lines += [f"Tuned network, trial {tuned['tune']['best']['number']} of {tuned['tune']['finished']} (test):",
+                  report_table(tuned), ""]
     export = rundir.stage_entry("export")
     if export and _done(rundir, "export"):
         lines.append(f"Exported model: {export.get('path')}")

@@ -46,9 +46,9 @@ def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: tu
     else:
         resolved = load_recipe(source, list(overrides))
     if output is not None:
-        # Another file: the stage's own export stays as it is; only the fine-tune must be done.
+        # Another file: the stage's own export stays as it is; only the final network must be done.
         check_export(resolved)
-        rundir, _ = run_stages(resolved, ["finetune"], rundir=rundir)
+        rundir, _ = run_stages(resolved, ["tune" if resolved.tune.enabled else "finetune"], rundir=rundir)
         result = export_to(resolved, rundir, output)
     else:
         rundir, results = run_stages(resolved, ["export"], force=["export"] if force else [], rundir=rundir)
@@ -61,3 +61,5 @@ def command(source: str | None, overrides: tuple[str, ...], force: bool, fmt: tu
         check = (f"checked in a clean process without branchnas: max |diff| {max(diffs.values(), default=0.0):.2g} "
                  f"<= {resolved.export.atol:g}") if entry.get("checked") else "not checked (export.check = false)"
         click.echo(f"wrote {entry['path']} ({name}); {check}")
+    if result.get("source") == "tune":
+        click.echo("the exported network is the tuned one (tune/model.pt: the best tuning trial within the budget)")

@@ -23,12 +23,12 @@ def command(recipe: str | None, overrides: tuple[str, ...], check: bool) -> None
     if check:
         from branchnas import pipeline
 
-        pipeline.check(resolved, pipeline.plan(pipeline.default_stages(), resolved))
+        pipeline.check(resolved, pipeline.plan(pipeline.default_stages(resolved), resolved))
         tasks = ", ".join(t.name for t in resolved.tasks) or "the dataset's default tasks"
         click.echo(
             f"ok: recipe '{resolved.name}' — dataset {resolved.data.dataset}, "
             f"backbone {resolved.backbone.name}, tasks: {tasks}; run directory {resolved.run_dir}; "
-            f"checked: {', '.join(pipeline.plan(pipeline.default_stages(), resolved))}"
+            f"checked: {', '.join(pipeline.plan(pipeline.default_stages(resolved), resolved))}"
         )
         return
     click.echo(recipe_to_toml(resolved), nl=False)

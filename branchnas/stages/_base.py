@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from branchnas.recipe import Recipe
     from branchnas.rundir import RunDir
 
-__all__ = ["Artifact", "Stage", "StageContext", "register_stage", "get_stage", "stage_names", "REGISTRY"]
+__all__ = ["Artifact", "Stage", "StageContext", "register_stage", "get_stage", "stage_names", "stage_config",
+           "is_current", "REGISTRY"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class Stage:
     artifacts: ClassVar[tuple[Artifact, ...]] = ()
 
     # -- declarations that may depend on the recipe
+
+    def enabled(self, recipe: Recipe) -> bool:
+        """Whether ``branchnas run`` runs the stage with this recipe (default: unless ``optional``)."""
+        return not self.optional
 
     def dependencies(self, recipe: Recipe, options: Mapping[str, Any]) -> tuple[str, ...]:
         """The stages this run of the stage reads (default: ``requires``)."""
@@ -207,3 +212,27 @@ def closure(targets: Sequence[str], recipe: Recipe, options: Mapping[str, Mappin
         needed.add(name)
         todo.extend(get_stage(name).dependencies(recipe, options.get(name, {})))
     return [n for n in REGISTRY if n in needed]
+
+
+def stage_config(name: str, recipe: Recipe, rundir: RunDir, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The config that keys stage ``name``: its recipe part plus the upstream content it is keyed on."""
+    stage = get_stage(name)
+    config = stage.config(recipe, options)
+    extra = stage.fingerprint_extra(recipe, rundir, options)
+    return {**config, "keyed_on_content": extra} if extra else config
+
+
+def is_current(name: str, recipe: Recipe, rundir: RunDir, options: Mapping[str, Any] | None = None) -> bool:
+    """True when stage ``name`` is done with the inputs this recipe gives it now, its outputs intact.
+
+    Read-only (no lock): for a stage that reads another's optional result (``export`` reads
+    ``tune``'s model when it is there) and for workers that only read a run directory.
+    """
+    options = options or {}
+    stage = get_stage(name)
+    try:
+        config = stage_config(name, recipe, rundir, options)
+        fp = rundir.stage_fingerprint(name, config, list(stage.keyed_on(recipe, options)))
+    except UserError:  # an upstream stage is not done
+        return False
+    return rundir.is_done(name, fp)

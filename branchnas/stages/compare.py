@@ -51,9 +51,13 @@ class CompareStage(Stage):
 
     def fingerprint_extra(self, recipe: Any, rundir: Any, options: Mapping[str, Any]) -> dict[str, Any]:
         from branchnas.finetune import tree_to_json
+        from branchnas.rundir import file_sha256
         from branchnas.stages.search import read_ranked
+        from branchnas.stages.tune import final_model
 
-        return {"ranked": [tree_to_json(t) for t in read_ranked(rundir)]}
+        path, source = final_model(rundir, recipe)  # the tuned network is a row once `branchnas tune` has run
+        return {"ranked": [tree_to_json(t) for t in read_ranked(rundir)],
+                **({"tuned": file_sha256(path)} if source == "tune" else {})}
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         from branchnas.compare import check_weightings

@@ -61,8 +61,20 @@ class ExportStage(Stage):
         Artifact("model.onnx", "ONNX (dynamic batch) with the same metadata as a model property"),
     )
 
+    def dependencies(self, recipe: Any, options: Mapping[str, Any]) -> tuple[str, ...]:
+        # With tune.enabled the tuned network is the final one, so the tune stage runs first.
+        return (*self.requires, "tune") if recipe.tune.enabled else self.requires
+
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
         return {"export": dataclasses.asdict(recipe.export)}
+
+    def fingerprint_extra(self, recipe: Any, rundir: Any, options: Mapping[str, Any]) -> dict[str, Any]:
+        # Which network is exported (stage 4's, or the tuned one once `branchnas tune` has run), by content.
+        from branchnas.rundir import file_sha256
+        from branchnas.stages.tune import final_model
+
+        path, source = final_model(rundir, recipe)
+        return {"model": {"source": source, "sha256": file_sha256(path)}}
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         check_export(recipe)
@@ -80,6 +92,7 @@ class ExportStage(Stage):
         first = files[formats[0]]
         # The first format's fields at the top level, as before several formats existed.
         extras = {"outputs": [file_name(f) for f in formats], "format": formats[0], "path": first["path"],
+                  "source": result["source"],
                   "max_abs_diff": first["max_abs_diff"], "checked": first["checked"], "formats": files}
         if ctx.recipe.export.output:
             copy = export_to(ctx.recipe, ctx.rundir, Path(ctx.recipe.export.output), formats[0])
@@ -98,12 +111,14 @@ def _check_target(path: Path) -> None:
         raise UserError(f"export output {str(path)!r}: {str(probe)!r} is not a folder")
 
 
-def _check_budget(recipe: Any, rundir: Any) -> None:
+def _check_budget(recipe: Any, rundir: Any, source: str) -> None:
     """A fine-tuned network over the search budget (a gated one can grow) is not exported silently."""
     from branchnas.budget import format_count
     from branchnas.stages.finetune import read_report
+    from branchnas.stages.tune import read_tuned
 
-    budget = read_report(rundir).get("budget") or {}
+    report = read_tuned(rundir, recipe) if source == "tune" else read_report(rundir)
+    budget = (report or {}).get("budget") or {}
     if budget.get("within") is False and not recipe.export.over_budget:
         raise UserError(
             f"the fine-tuned network has {format_count(budget['size'])} {budget['metric']}, over the budget of "
@@ -113,21 +128,26 @@ def _check_budget(recipe: Any, rundir: Any) -> None:
 
 
 def export_to(recipe: Any, rundir: Any, path: str | Path, fmt: str | None = None) -> dict[str, Any]:
-    """Export stage 4's network to ``path`` (checked, atomic); nothing else is touched.
+    """Export the run's final network to ``path`` (checked, atomic); nothing else is touched.
+
+    The final network is the tuned one when ``branchnas tune`` is done for this tree and found
+    a trial within the budget, else stage 4's (:func:`branchnas.stages.tune.final_model`).
 
     Returns:
         :func:`branchnas.export.export_model`'s result: ``path``, ``format``, ``checked``,
         ``max_abs_diff``.
     """
     from branchnas.export import build_metadata, export_model
-    from branchnas.finetune import load_checkpoint_info
-    from branchnas.stages.finetune import load_finetuned, model_path
+    from branchnas.finetune import load_checkpoint_info, load_model_file
+    from branchnas.stages.tune import final_model
 
     fmt = fmt or export_formats(recipe)[0]
     check_export(recipe, fmt)
     path = Path(path)
     _check_target(path)
-    _check_budget(recipe, rundir)
-    net = load_finetuned(rundir)
-    metadata = build_metadata(net, load_checkpoint_info(model_path(rundir)))
-    return export_model(net, path.resolve(), metadata, format=fmt, check=recipe.export.check, atol=recipe.export.atol)
+    source_path, source = final_model(rundir, recipe)
+    _check_budget(recipe, rundir, source)
+    net = load_model_file(source_path)
+    metadata = build_metadata(net, load_checkpoint_info(source_path))
+    result = export_model(net, path.resolve(), metadata, format=fmt, check=recipe.export.check, atol=recipe.export.atol)
+    return {**result, "source": source}
