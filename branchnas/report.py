@@ -465,9 +465,14 @@ def summary_data(rundir: RunDir) -> dict[str, Any]:
                         "delta": finetune["delta_per_task"][t["name"]]}
             for t in finetune["tasks"]
         }
+    tuned = _tuned_report(rundir)
+    data["tuned"] = None if not tuned or tuned["tune"]["best"] is None else {
+        "trial": tuned["tune"]["best"]["number"], "params": dict(tuned["tune"]["best"]["params"]),
+        "trials": tuned["tune"]["finished"], "model_params": tuned["params"], "flops": tuned["flops"],
+        "delta_mtl": tuned["delta_mtl"], "delta_mtl_val": tuned["delta_mtl_val"], "budget": tuned.get("budget")}
     export = rundir.stage_entry("export")
     if export and _done(rundir, "export"):
-        data["export"] = {k: export[k] for k in ("path", "format", "checked", "max_abs_diff") if k in export}
+        data["export"] = {k: export[k] for k in ("path", "format", "checked", "max_abs_diff", "source") if k in export}
     if (root / REPORT).exists():
         data["report"] = str(root / REPORT)
     return data

@@ -67,6 +67,7 @@ __all__ = [
     "trial_rows",
     "trials_table",
     "plot_study",
+    "pareto_front",
     "finished_count",
 ]
 
@@ -514,6 +515,16 @@ def trials_table(rows: Sequence[Mapping[str, Any]], metric: str, limit: int | No
     return tabulate(out, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
+def pareto_front(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The finished trials within the budget that no other beats on both val Δ_MTL and size, smallest first."""
+    size_key = "flops" if metric == "flops" else "params_count"
+    done = [r for r in rows if r["val_delta_mtl"] is not None and r[size_key] is not None and r["feasible"] is not False]
+    front = [r for r in done if not any(
+        o[size_key] <= r[size_key] and o["val_delta_mtl"] >= r["val_delta_mtl"]
+        and (o[size_key] < r[size_key] or o["val_delta_mtl"] > r["val_delta_mtl"]) for o in done)]
+    return [dict(r) for r in sorted(front, key=lambda r: (r[size_key], -r["val_delta_mtl"]))]
+
+
 def plot_study(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str, limit: int | None,
                best: int | None = None) -> None:
     """Val Δ_MTL against the pruned size (budget line, feasible front) and against the trial number, as PNG."""
@@ -532,11 +543,7 @@ def plot_study(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str,
         pts = [r for r in done if r["feasible"] is feasible]
         if pts:
             ax.scatter([r[size_key] for r in pts], [r["val_delta_mtl"] for r in pts], c=colour, label=label, s=28)
-    front, top = [], -math.inf
-    for r in sorted((r for r in done if r["feasible"] is not False), key=lambda r: r[size_key]):
-        if r["val_delta_mtl"] > top:
-            front.append(r)
-            top = r["val_delta_mtl"]
+    front = pareto_front(rows, metric)
     if front:
         ax.step([r[size_key] for r in front], [r["val_delta_mtl"] for r in front], where="post", c="tab:blue",
                 alpha=0.5, label="front (feasible)")

@@ -22,7 +22,7 @@ from branchnas import __version__
 
 #: commands that are not pipeline stages: name -> one-line help shown by ``--help``
 _OTHER_COMMANDS: dict[str, str] = {
-    "run": "Run the whole pipeline (pretrain → affinity → search → finetune → export).",
+    "run": "Run the whole pipeline (pretrain → affinity → search → finetune [→ tune] → export).",
     "report": "Print the report of a finished run.",
     "recipe": "Show the resolved recipe, or validate one (--check runs every stage's checks).",
     "datasets": "List the dataset families and their targets.",
@@ -94,7 +94,7 @@ def cli(debug: bool, quiet: bool) -> None:
       branchnas search --budget 800k     the best tree within 800k parameters
       branchnas recipe > my.toml         a recipe to edit
 
-    run, search, compare, report, datasets, tasks and backbones take --json: one JSON
+    run, search, compare, tune, report, datasets, tasks and backbones take --json: one JSON
     document on stdout, for scripts.
     """
     from branchnas.progress import set_quiet

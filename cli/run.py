@@ -33,7 +33,8 @@ def command(recipe, overrides, until, start, budget, force, as_json):  # noqa: A
     """Run every stage of the pipeline, then write the report.
 
     The stages and their order come from their declared dependencies: pretrain → affinity →
-    search → finetune → export (compare is optional: --until compare). With no RECIPE it
+    search → finetune → export (tune runs before export with tune.enabled = true, and its best
+    trial is what is exported; compare is optional: --until compare). With no RECIPE it
     uses ./branchnas.toml if present, else the built-in default recipe (generated shapes
     data; a few minutes on a laptop CPU). Every stage's checks run before any work. A re-run
     skips finished stages, a killed run resumes where it stopped, and a failed stage leaves
@@ -42,7 +43,7 @@ def command(recipe, overrides, until, start, budget, force, as_json):  # noqa: A
 
     With --json: {run_dir, stages: {stage: {status, skipped, seconds, outputs}}, summary:
     {tree, search, params, flops, variant, weighting, tasks: {task: {metric, test, val,
-    single_task, delta}}, delta_mtl, delta_mtl_val, budget, export, report}}; a stage that
+    single_task, delta}}, delta_mtl, delta_mtl_val, budget, tuned, export, report}}; a stage that
     did not run leaves its keys null.
     """
     from branchnas.pipeline import run_pipeline

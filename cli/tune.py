@@ -55,7 +55,7 @@ def command(recipe: str | None, overrides: tuple[str, ...], trials: int | None, 
     directory and writes the final model) and any number of `branchnas tune --worker`.
 
     With --json: {run_dir, skipped, study, trials, best_trial, delta_mtl_val, params, flops,
-    budget} (--show --json: {table, summary, rows, best, png}).
+    budget} (--show --json: {table, front, summary, rows, best, png}).
     """
     from branchnas.errors import UserError
     from branchnas.rundir import RunDir
@@ -71,6 +71,8 @@ def command(recipe: str | None, overrides: tuple[str, ...], trials: int | None, 
         click.echo(f"study {shown['summary']['study']} in {shown['summary']['storage']}: "
                    f"{shown['summary']['finished']} finished trial(s) {shown['summary']['trials']}")
         click.echo(shown["table"])
+        click.echo("\nPareto front within the budget (no other trial is both smaller and better on val Δ_MTL):")
+        click.echo(shown["front"])
         if shown["png"]:
             click.echo(f"wrote {shown['png']}")
         return

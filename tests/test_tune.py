@@ -137,6 +137,18 @@ def test_a_pareto_study_picks_the_feasible_fronts_highest_delta():
     assert best_trial(study).values == [4.0, 90]
 
 
+def test_the_pareto_front_keeps_the_feasible_trials_nothing_beats_on_both_counts():
+    from branchnas.tuning import pareto_front
+
+    def row(n, delta, size, feasible):
+        return {"number": n, "val_delta_mtl": delta, "params_count": size, "flops": None, "feasible": feasible}
+
+    rows = [row(0, 5.0, 100, True), row(1, 4.0, 90, True), row(2, 3.0, 50, True), row(3, 2.0, 95, True),
+            row(4, 9.0, 80, False), row(5, None, None, None), row(6, 3.0, 50, True)]
+    # 3 is beaten by 1 (smaller and better), 4 is over the budget, 5 did not finish; 2 and 6 tie.
+    assert [r["number"] for r in pareto_front(rows, "params")] == [2, 6, 1, 0]
+
+
 def test_trials_count_toward_the_target_and_a_killed_calls_request_resumes():
     from branchnas.stages.tune import REQUEST_ATTR, _target
 
@@ -352,7 +364,12 @@ def postgres():
         if required:
             pytest.fail("BRANCHNAS_REQUIRE_POSTGRES is set but no PostgreSQL server (initdb, pg_ctl) is installed")
         pytest.skip("no PostgreSQL server installed (initdb, pg_ctl); apt-get install postgresql")
-    psycopg = pytest.importorskip("psycopg", reason="pip install 'branchnas[postgres]'")
+    try:
+        import psycopg
+    except ImportError:
+        if required:
+            pytest.fail("BRANCHNAS_REQUIRE_POSTGRES is set but psycopg is not installed: pip install 'branchnas[postgres]'")
+        pytest.skip("psycopg is not installed: pip install 'branchnas[postgres]'")
     root = Path(tempfile.mkdtemp(prefix="branchnas-pg-"))
     root.chmod(0o755)
     prefix = []

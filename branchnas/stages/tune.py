@@ -265,7 +265,9 @@ def show(recipe: Any, rundir: Any, options: Mapping[str, Any], png: Path | None,
     best = tuning.best_trial(study)
     rows = tuning.trial_rows(study)
     table = tuning.trials_table(rows, result.metric, result.budget, best=best.number if best else None, top=top)
+    front = tuning.pareto_front(rows, result.metric)
+    front_table = tuning.trials_table(front, result.metric, result.budget, best=best.number if best else None)
     if png is not None:
         tuning.plot_study(rows, png, result.metric, result.budget, best.number if best else None)
-    return {"table": table, "summary": tuning.study_summary(study, url), "rows": rows,
+    return {"table": table, "front": front_table, "summary": tuning.study_summary(study, url), "rows": rows,
             "best": None if best is None else best.number, "png": str(png) if png else None}
