@@ -20,3 +20,17 @@ def in_tmp(tmp_path, monkeypatch):
     """Run the test inside an empty temporary folder (so ./branchnas.toml and runs/ are its own)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def one_thread():
+    """One CPU thread for the test: tiny tensors gain nothing from more, a busy shared runner loses
+    much to spinning OpenMP waits, and the thread count changes the trained weights' rounding (so
+    end-to-end figures stay the same across machines). Files that want it for every test set
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -67,17 +67,6 @@ GAP = 0.20
 RESAMPLES = 200
 
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread, as the other end-to-end tests use. Two are no faster here (24 s either
-    way for 3 tasks; 430 s with spinning OpenMP waits on a busy machine), and the thread count
-    changes the trained weights' rounding, so the affinities in the second decimal."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def factors_of(target: str) -> frozenset[str]:
     return frozenset(factor for factor, targets in FACTORS.items() if target in targets)
 

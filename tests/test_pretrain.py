@@ -23,14 +23,7 @@ from branchnas.recipe import load_recipe
 from branchnas.rundir import RunDir
 from branchnas.stages.pretrain import load_single_task
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; one keeps a busy CI machine from slowing them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = [
     "data.num_train=48", "data.num_val=16", "data.num_test=16", "data.batch_size=16",

@@ -177,17 +177,6 @@ def test_every_ready_recipe_has_a_case():
     assert sorted(p.stem for p in (ROOT / "recipes").glob("*.toml")) == sorted(CASES)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: one CPU thread is faster and spares the other processes of a shared runner."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_recipe_runs_end_to_end_on_its_miniature(name, tmp_path, monkeypatch, one_thread):
     from branchnas_cli.main import cli

@@ -18,14 +18,7 @@ from branchnas.recipe import PretrainConfig
 from branchnas.tasks import Task
 from branchnas.training import SingleTaskModel, Trainer, evaluate, lr_factor, resolve_device
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; one keeps a busy CI machine from slowing them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 8
 
