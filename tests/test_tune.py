@@ -149,6 +149,54 @@ def test_the_pareto_front_keeps_the_feasible_trials_nothing_beats_on_both_counts
     assert [r["number"] for r in pareto_front(rows, "params")] == [2, 6, 1, 0]
 
 
+def test_the_pruner_waits_half_the_epochs_and_never_prunes_the_last_one(tmp_path, monkeypatch):
+    """A stub trial reports per-epoch val metrics through the trainer's callback: with every
+    earlier trial ahead of it, it is pruned at the first epoch after half of them, never at the
+    last one, and never before."""
+    from branchnas import tuning
+    from branchnas.tasks import Task
+
+    task = Task(name="a", kind="classification", target="a", num_classes=2)
+    baseline = {"a": {"accuracy": 0.5}}
+
+    def runner_for(epochs, values):
+        recipe = load_recipe(None, [f"finetune.epochs={epochs}", "tune.pruner_startup=2", "tune.grid=[]"])
+        study = tuning.open_study(recipe, f"sqlite:///{tmp_path / f'{epochs}.db'}", "s")
+        runner = object.__new__(tuning.TrialRunner)
+        runner.recipe, runner.study, runner.names = recipe, study, ["a"]
+        runner.splits, runner.baseline_val = ({}, [task]), baseline
+        runner.metric, runner.limit, runner.root = "params", 1000, tmp_path / "trials"
+
+        def train(params, folder, desc, callbacks=()):
+            for epoch, value in enumerate(values, 1):
+                for callback in callbacks:
+                    callback({"epoch": epoch, "val": {"a": {"accuracy": value}}})
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "model.pt").write_bytes(b"x")
+            return {"params": 900, "flops": 1, "delta_mtl": 0.0, "delta_mtl_val": values[-1] / 0.5 - 1,
+                    "tasks": [{"name": "a", "metric": "accuracy"}], "val": {"a": {"accuracy": values[-1]}},
+                    "test": {"a": {"accuracy": values[-1]}}}
+
+        runner.train = train
+        return runner, study
+
+    for epochs in (1, 2, 3, 4, 6):
+        runner, study = runner_for(epochs, [0.9] * epochs)
+        for _ in range(2):  # two good trials first
+            study.optimize(runner.objective, n_trials=1)
+        low, _ = runner_for(epochs, [0.1] * epochs)
+        runner.train = low.train
+        study.optimize(runner.objective, n_trials=1)
+        last = study.trials[-1]
+        first = tuning.warmup_epochs(epochs)
+        if first < epochs:
+            assert last.state == optuna.trial.TrialState.PRUNED, epochs
+            assert max(last.intermediate_values) == first, epochs  # pruned at the first allowed epoch
+        else:  # nothing may be pruned: the first allowed epoch is the last
+            assert last.state == optuna.trial.TrialState.COMPLETE, epochs
+    assert [tuning.warmup_epochs(e) for e in (1, 2, 3, 4, 6)] == [1, 2, 2, 3, 4]
+
+
 def test_trials_count_toward_the_target_and_a_killed_calls_request_resumes():
     from branchnas.stages.tune import REQUEST_ATTR, _target
 
