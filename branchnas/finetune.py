@@ -275,6 +275,9 @@ def finetune_tree(
     report is returned without training again (the caller clears ``out_dir`` when its inputs
     change, as :meth:`RunDir.run_stage` does); a missing ``history.csv`` is written from it.
 
+    Under torchrun every process calls it and trains under DDP (:class:`branchnas.training.Trainer`);
+    rank 0 alone writes the files, and what it finds in ``out_dir`` decides for every process.
+
     Args:
         recipe: The resolved recipe (``[finetune]`` is the training configuration).
         rundir: The run directory with the stage-1 models.
@@ -291,7 +294,7 @@ def finetune_tree(
     """
     from branchnas.data import load_splits
     from branchnas.tasks import delta_mtl
-    from branchnas.training import Trainer, evaluate
+    from branchnas.training import Trainer, distributed, evaluate
     from branchnas.training.history import (
         HISTORY_CSV,
         TENSORBOARD_DIR,
@@ -305,13 +308,17 @@ def finetune_tree(
     variant_obj = get_variant(variant or recipe.finetune.variant, recipe)
     out_dir = Path(out_dir)
     report_path, model_path, history_path = out_dir / "report.json", out_dir / "model.pt", out_dir / HISTORY_CSV
-    if report_path.exists() and model_path.exists():
-        done = json.loads(report_path.read_text())
-        if not history_path.exists():  # finished before the CSV was written
+    main = distributed.is_main()
+    finished = main and report_path.exists() and model_path.exists()
+    done = distributed.broadcast_object(json.loads(report_path.read_text()) if finished else None)
+    if done is not None:
+        if main and not history_path.exists():  # finished before the CSV was written
             write_history_csv(history_path, (done.get("training") or {}).get("history") or [])
         return done
 
     def log_epoch(info: Mapping[str, Any]) -> None:
+        if not main:
+            return
         write_history_csv(history_path, info["history"])  # a person can follow a long run
         if recipe.finetune.log == "tensorboard":
             log_epoch_to_tensorboard(out_dir / TENSORBOARD_DIR, info["history"][-1])
@@ -330,7 +337,8 @@ def finetune_tree(
         variant=variant_obj, callbacks=[log_epoch, *callbacks],
     )
     history = trainer.fit(splits["train"], splits["val"])
-    write_history_csv(history_path, history["history"])
+    if main:
+        write_history_csv(history_path, history["history"])
     trained = net
     # The static network (pruned, for the gated variant) is what is evaluated, costed and saved.
     net = variant_obj.finalise(trained)
@@ -370,6 +378,8 @@ def finetune_tree(
         "budget": _budget_check(rundir, cost),
         **variant_obj.report(trained.cpu(), net),
     }
+    if not main:
+        return report  # rank 0 writes the files
     if "gates" in report:
         from branchnas.variants.present import plot_gates
 

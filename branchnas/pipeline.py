@@ -5,10 +5,20 @@ closure of what a command asks for, runs every needed stage's ``check`` before a
 then runs each stage through :meth:`branchnas.rundir.RunDir.run_stage`, which skips a stage
 whose fingerprint is unchanged and whose outputs verify, and swaps in new outputs only on
 success.
+
+Under torchrun (several processes, :mod:`branchnas.training.distributed`) every process runs
+the checks and then the stages in order, but rank 0 alone holds the run directory's lock,
+decides whether each stage runs, writes its files and the manifest. It tells the others what
+it decided: they run the body of a stage that trains under DDP (``Stage.distributed``) with
+it, in the same staging folder, writing nothing; a stage that does not train rank 0 runs by
+itself while they wait. They go on to the next stage only once rank 0 has recorded this one,
+so that they read its artifacts from the run directory (which every process must see: one
+machine, or a shared file system).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,11 +73,14 @@ def check(recipe: Any, stages: Sequence[str], options: Options | None = None) ->
 
 
 def open_run(recipe: Any) -> RunDir:
-    """The recipe's run directory, with the resolved recipe saved in it."""
+    """The recipe's run directory, with the resolved recipe saved in it (under torchrun, by rank 0 only)."""
+    from branchnas.training import distributed
+
     check_run_dir(recipe)
     rundir = RunDir(recipe.run_dir)
-    with rundir.locked():
-        rundir.save_recipe(recipe)
+    if distributed.is_main():
+        with rundir.locked():
+            rundir.save_recipe(recipe)
     return rundir
 
 
@@ -97,17 +110,20 @@ def run_stages(
         UserError: a check failed (nothing was run or written), or a stage failed.
     """
     from branchnas.stages._checks import clear_cache
+    from branchnas.training import distributed
 
     options = options or {}
     order = plan(targets, recipe, options)
     clear_cache()
     try:
-        check(recipe, order, options)
+        check(recipe, order, options)  # every process: each refuses what it cannot run
         rundir = rundir or open_run(recipe)
+        main = distributed.is_main()
         results: dict[str, StageResult] = {}
-        with rundir.locked():
+        with rundir.locked() if main else contextlib.nullcontext():
             for name in order:
-                results[name] = _run_one(recipe, rundir, name, name in force, options.get(name, {}), progress)
+                run = _run_one if main else _follow
+                results[name] = run(recipe, rundir, name, name in force, options.get(name, {}), progress)
     finally:
         clear_cache()
     return rundir, results
@@ -115,14 +131,51 @@ def run_stages(
 
 def _run_one(recipe: Any, rundir: RunDir, name: str, force: bool, options: Mapping[str, Any],
              progress: bool) -> StageResult:
+    """Run stage ``name`` here (rank 0 of several processes: and tell the others what happened)."""
+    from branchnas.training import distributed
+
     stage = get_stage(name)
-    config = stage_config(name, recipe, rundir, options)
+    several = distributed.world_size() > 1
+    told = False
 
     def body(folder: Path) -> dict[str, Any]:
-        return stage.run(StageContext(recipe, rundir, folder, options, progress))
+        nonlocal told
+        ctx = StageContext(recipe, rundir, folder, options, progress)
+        if not several:
+            return stage.run(ctx)
+        if not stage.distributed:
+            with distributed.alone():
+                return stage.run(ctx)
+        distributed.broadcast_object(("run", str(folder)))
+        told = True
+        return stage.run(ctx)
 
-    keep = stage.keep_on_force(options) if hasattr(stage, "keep_on_force") else None
-    return rundir.run_stage(name, config, list(stage.keyed_on(recipe, options)), body, force=force, keep=keep)
+    try:
+        config = stage_config(name, recipe, rundir, options)
+        keep = stage.keep_on_force(options) if hasattr(stage, "keep_on_force") else None
+        result = rundir.run_stage(name, config, list(stage.keyed_on(recipe, options)), body, force=force, keep=keep)
+    except Exception as err:
+        # Once the others train with it, they fail with it (or torchrun stops them).
+        if several and not told:
+            distributed.broadcast_object(("stop", f"{type(err).__name__}: {err}"))
+        raise
+    if several:
+        distributed.broadcast_object(("done", dict(result)))
+    return result
+
+
+def _follow(recipe: Any, rundir: RunDir, name: str, force: bool, options: Mapping[str, Any],
+            progress: bool) -> StageResult:
+    """Another process than rank 0: do what rank 0 says for stage ``name``; its result."""
+    from branchnas.training import distributed
+
+    kind, payload = distributed.broadcast_object(None)
+    if kind == "run":  # a stage that trains: with rank 0, in its staging folder, writing nothing
+        get_stage(name).run(StageContext(recipe, rundir, Path(payload), options, progress=False))
+        kind, payload = distributed.broadcast_object(None)
+    if kind == "stop":
+        raise UserError(f"rank 0 stopped at stage '{name}' ({payload}); see its error")
+    return StageResult(payload)
 
 
 def run_pipeline(

@@ -17,7 +17,8 @@ Artifacts in ``<run>/pretrain/``:
 * ``ckpt/<task>.pt``: per-epoch checkpoints, so that a killed run continues where it stopped.
 
 A model whose ``<task>.pt`` exists is not trained again, so ``--tasks a,b`` trains a subset
-and a later run trains the rest. The stage itself (config, checks, readers) is
+and a later run trains the rest. Under torchrun the processes share the models or the
+batches (``pretrain.parallel``, :func:`train_missing`). The stage itself (config, checks, readers) is
 :mod:`branchnas.stages.pretrain`.
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "history_file",
     "write_missing_histories",
     "task_names",
+    "parallel_mode",
     "metrics_table",
     "chance_metrics",
 ]
@@ -98,11 +100,56 @@ def build_single_task(recipe: Any, task: Any, in_channels: int, image_size: tupl
     return SingleTaskModel(backbone, head, task.name)
 
 
+def parallel_mode(parallel: str, tasks: int, processes: int) -> str:
+    """How ``processes`` processes share the training of ``tasks`` models (``pretrain.parallel``).
+
+    ``"tasks"``: each process trains its round-robin share of the models by itself;
+    ``"data"``: the models train under DDP, every process taking its share of each batch.
+    ``"auto"`` is ``"tasks"`` when there are at least as many models as processes.
+
+    Example:
+        >>> parallel_mode("auto", 7, 2), parallel_mode("auto", 1, 2)
+        ('tasks', 'data')
+    """
+    if parallel == "auto":
+        return "tasks" if tasks >= processes else "data"
+    return parallel
+
+
 def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: bool) -> None:
-    """Train the models of ``names`` that have no ``<task>.pt`` yet and write their files."""
-    todo = [n for n in names if not task_file(folder, n).exists()]
+    """Train the models of ``names`` that have no ``<task>.pt`` yet and write their files.
+
+    Several processes (torchrun): with ``pretrain.parallel`` "tasks" (:func:`parallel_mode`)
+    process r trains models r, r + K, ... of those left by itself, writing their per-epoch
+    checkpoints, and rank 0 gathers the trained models; with "data" every model trains under
+    DDP. Either way rank 0 alone writes the files, and they are what one process writes (with
+    "tasks", the same numbers: each model's training does not depend on the others').
+    """
+    from branchnas.training import distributed
+
+    main = distributed.is_main()
+    # What rank 0 finds in the folder decides, so that every process trains the same models.
+    todo = distributed.broadcast_object([n for n in names if not task_file(folder, n).exists()])
     if not todo:
         return
+    world = distributed.world_size()
+    if world > 1 and parallel_mode(recipe.pretrain.parallel, len(todo), world) == "tasks":
+        mine = todo[distributed.rank()::world]
+        with distributed.alone():
+            trained = _train(recipe, folder, mine, progress and main, log=main)
+        shares = distributed.gather_objects(trained) or []
+        trained = {name: saved for share in shares for name, saved in share.items()}
+    else:
+        trained = _train(recipe, folder, todo, progress, log=main)
+    if main:
+        for name in todo:
+            _write_model(folder, name, trained[name])
+
+
+def _train(recipe: Any, folder: Path, todo: Sequence[str], progress: bool, log: bool) -> dict[str, dict[str, Any]]:
+    """Train the models of ``todo``: ``{task: what <task>.pt holds}`` (``log``: write the histories as they grow)."""
+    if not todo:
+        return {}
     from branchnas.data import load_splits
     from branchnas.training import Trainer, evaluate_models
     from branchnas.training.history import (
@@ -124,7 +171,7 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
     def log_epoch(info: Mapping[str, Any]) -> None:
         # Each model's history names its one task; a person can follow a long run.
         history = info["history"]
-        for name in history[-1]["train_loss"]:
+        for name in history[-1]["train_loss"] if log else []:
             write_history_csv(history_file(folder, name), history)
             if recipe.pretrain.log == "tensorboard":
                 log_epoch_to_tensorboard(folder / TENSORBOARD_DIR / name, history[-1])
@@ -145,20 +192,19 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
     chance = chance_metrics(tasks, train, splits["test"], batch)
     tests = evaluate_models([(models[t.name], [t]) for t in tasks], splits["test"], batch,
                             precision=recipe.pretrain.precision)
+    trained = {}
     for t, test in zip(tasks, tests, strict=True):
         model = models[t.name]
         result = results[t.name]
         # The validation metrics of the kept weights were measured when they were trained.
         kept = result["best_val"] if cfg.patience > 0 and result["best_val"] else result["history"][-1]["val"]
-        val = kept[t.name]
-        test = test[t.name]
-        atomic_torch_save({
+        trained[t.name] = {
             "task": t.name,
             "task_spec": dataclasses.asdict(t),
             "backbone": _cpu(model.backbone.state_dict()),
             "head": _cpu(model.head.state_dict()),
-            "val": val,
-            "test": test,
+            "val": kept[t.name],
+            "test": test[t.name],
             "chance": chance[t.name],
             "in_channels": train.in_channels,
             "image_size": list(train.image_size),
@@ -170,10 +216,17 @@ def train_missing(recipe: Any, folder: Path, names: Sequence[str], progress: boo
             "stopped_early": result["stopped_early"],
             "history": result["history"],
             "seconds": round(seconds, 3),
-        }, task_file(folder, t.name))
-        write_history_csv(history_file(folder, t.name), result["history"])
-        # The finished file supersedes the per-epoch checkpoint.
-        (ckpt / f"{t.name}.pt").unlink(missing_ok=True)
+        }
+    return trained
+
+
+def _write_model(folder: Path, name: str, saved: Mapping[str, Any]) -> None:
+    """Write ``<task>.pt`` and its history CSV; the finished file supersedes the per-epoch checkpoint."""
+    from branchnas.training.history import write_history_csv
+
+    atomic_torch_save(dict(saved), task_file(folder, name))
+    write_history_csv(history_file(folder, name), saved["history"])
+    (folder / "ckpt" / f"{name}.pt").unlink(missing_ok=True)
 
 
 def _cpu(state: Mapping[str, Any]) -> dict[str, Any]:

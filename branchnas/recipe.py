@@ -122,6 +122,9 @@ class TrainConfig:
     precision: str = field(default="fp32", metadata=_choices(
         "fp32", "bf16", "auto", doc="forward passes in fp32, or under bf16 autocast (losses and metrics stay "
         "fp32); auto = bf16 where the device does bf16 in hardware (CUDA Ampere+, CPU with AVX-512 BF16 or AMX)"))
+    sync_bn: bool = field(default=False, metadata=_spec(
+        "under torchrun (DDP): BatchNorm statistics over the whole global batch (SyncBatchNorm; CUDA only), "
+        "not over each process's share; no effect in one process"))
 
 
 @dataclass
@@ -130,6 +133,10 @@ class PretrainConfig(TrainConfig):
 
     epochs: int = field(default=5, metadata=_spec("training epochs", min=1))
     concurrent: bool = field(default=True, metadata=_spec("train the N single-task models together, sharing each batch"))
+    parallel: str = field(default="auto", metadata=_choices(
+        "auto", "tasks", "data", doc="under torchrun: tasks = each process trains its share of the models alone "
+        "(the same results as one process), data = DDP on the models, each process taking its share of every "
+        "batch; auto = tasks when there are at least as many models to train as processes"))
 
 
 @dataclass

@@ -294,6 +294,15 @@ class Meter:
         value = self._state.get(key)
         return None if value is None else value.detach().cpu()
 
+    def state(self) -> dict[str, Tensor]:
+        """The sums and counts so far, on the CPU (what :meth:`merge` adds to another meter)."""
+        return {key: value.detach().cpu() for key, value in self._state.items()}
+
+    def merge(self, state: Mapping[str, Tensor]) -> None:
+        """Add another meter's :meth:`state`, as if its batches had been added here."""
+        for key, value in state.items():
+            self._add(key, value)
+
     @torch.no_grad()
     def update(self, output: Tensor, target: Tensor) -> None:
         """Add one batch of head outputs and targets."""

@@ -53,6 +53,7 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
         names = [v.strip() for v in variants.split(",") if v.strip()]
         overrides = (*overrides, "finetune.compare_variants=[" + ", ".join(f'"{v}"' for v in names) + "]")
     from branchnas.report import write_report
+    from branchnas.training import distributed
 
     if weightings is not None:
         from branchnas.compare import weighting_names
@@ -63,7 +64,8 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
         resolved = load(recipe, overrides)
         _say_cost(resolved)
         rundir, outcome = run_stage_command(resolved, "compare", force=force)
-        write_report(rundir)  # report.md holds the comparison, as after `branchnas run`
+        if distributed.is_main():  # under torchrun, rank 0 writes the files
+            write_report(rundir)  # report.md holds the comparison, as after `branchnas run`
     if as_json:
         emit_json({"run_dir": str(rundir.path), "skipped": bool(outcome.get("skipped")),
                    **read_comparison(rundir)})

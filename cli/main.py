@@ -3,14 +3,20 @@
 ``branchnas --help`` and ``branchnas --version`` import neither torch nor any stage: each
 subcommand lives in its own module under this package and is imported only when it runs
 (click's "lazily loading subcommands" pattern).
+
+Under torchrun (``WORLD_SIZE`` > 1) the command runs in a process group that :func:`main`
+joins first and leaves last (:mod:`branchnas.training.distributed`); the processes other
+than rank 0 print nothing but their errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 
 # OpenMP threads that spin while waiting slow training ~5x on a busy CPU (measured on 2 shared
 # cores); passive waiting costs nothing measurable when the machine is idle. Set before torch loads.
@@ -45,7 +51,7 @@ def _commands() -> dict[str, str]:
 
 COMMANDS = _commands()
 
-_state = {"debug": False}
+_state: dict[str, object] = {"debug": False, "rank": 0}
 
 
 class LazyGroup(click.Group):
@@ -100,7 +106,7 @@ def cli(debug: bool, quiet: bool) -> None:
     from branchnas.progress import set_quiet
 
     _state["debug"] = debug
-    set_quiet(quiet)
+    set_quiet(quiet or _state["rank"] != 0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         args = ["--help"]
     _state["debug"] = "--debug" in args
     try:
-        rv = cli.main(args=args, prog_name="branchnas", standalone_mode=False)
+        with _processes():
+            rv = cli.main(args=args, prog_name="branchnas", standalone_mode=False)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except click.ClickException as err:
@@ -127,9 +134,36 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         if _state["debug"]:
             traceback.print_exc()
-        click.echo(f"Error: {err}", err=True)
+        where = f" (rank {_state['rank']})" if _state["rank"] else ""
+        click.echo(f"Error{where}: {err}", err=True)
         sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[None]:
+    """Under torchrun: join the process group for the command, then leave it; else nothing.
+
+    A process other than rank 0 prints nothing on stdout and shows no progress.
+    """
+    try:
+        several = int(os.environ.get("WORLD_SIZE") or 1) > 1
+    except ValueError:
+        several = False
+    if not several:
+        yield
+        return
+    from branchnas.training import distributed
+
+    distributed.init_from_env()
+    _state["rank"] = distributed.rank()
+    if distributed.is_main():
+        yield
+    else:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
+    # Only after success: a process that fails exits, and torchrun stops the others.
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

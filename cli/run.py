@@ -48,6 +48,7 @@ def command(recipe, overrides, until, start, budget, force, as_json):  # noqa: A
     """
     from branchnas.pipeline import run_pipeline
     from branchnas.report import summary, summary_data, write_report
+    from branchnas.training import distributed
 
     sets = list(overrides) + ([f'search.budget="{budget}"'] if budget else [])
     with stdout_to_stderr(as_json):
@@ -57,7 +58,8 @@ def command(recipe, overrides, until, start, budget, force, as_json):  # noqa: A
         skipped = [name for name, result in results.items() if result.get("skipped")]
         if skipped:
             note(f"(unchanged, skipped: {', '.join(skipped)})")
-        write_report(rundir)
+        if distributed.is_main():  # under torchrun, rank 0 writes the files
+            write_report(rundir)
     if as_json:
         stages = {name: {"status": result.get("status"), "skipped": bool(result.get("skipped")),
                          "seconds": result.get("seconds"), "outputs": list(result.get("outputs", []))}

@@ -71,7 +71,7 @@ def test_a_user_error_is_one_line_exit_2_and_no_traceback(in_tmp):
     assert lines == [
         "Error: pretrain.epoch: unknown key (did you mean 'epochs'?); valid keys here: epochs, lr, "
         "optimizer, momentum, weight_decay, schedule, warmup_epochs, patience, grad_clip, log, device, precision, "
-        "concurrent"
+        "sync_bn, concurrent, parallel"
     ]
     assert "Traceback" not in proc.stderr
 

@@ -82,6 +82,10 @@ class Stage:
         requires: the stages it always reads.
         optional: ``True`` when ``branchnas run`` leaves it out by default (``compare``, ``tune``).
         artifacts: the files it writes.
+        distributed: ``True`` when, under torchrun, every process runs :meth:`run` (the stages
+            that train under DDP: ``pretrain``, ``finetune``); rank 0 alone writes the files
+            (:func:`branchnas.training.distributed.is_main`). Otherwise rank 0 runs the stage by
+            itself while the other processes wait.
     """
 
     name: ClassVar[str] = ""
@@ -89,6 +93,7 @@ class Stage:
     requires: ClassVar[tuple[str, ...]] = ()
     optional: ClassVar[bool] = False
     artifacts: ClassVar[tuple[Artifact, ...]] = ()
+    distributed: ClassVar[bool] = False
 
     # -- declarations that may depend on the recipe
 

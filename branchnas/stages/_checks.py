@@ -13,7 +13,8 @@ from typing import Any
 
 from branchnas.errors import UserError
 
-__all__ = ["splits_of", "clear_cache", "check_device", "check_log", "check_package", "check_precision"]
+__all__ = ["splits_of", "clear_cache", "check_device", "check_log", "check_package", "check_precision",
+           "check_processes"]
 
 _CACHE: dict[str, Any] = {}
 
@@ -58,6 +59,37 @@ def check_precision(precision: str, device: str, key: str) -> None:
     from branchnas.training.runtime import resolve_device, resolve_precision
 
     resolve_precision(precision, resolve_device(device), key)
+
+
+def check_processes(recipe: Any, section: str, ddp: bool = True) -> None:
+    """Under torchrun (several processes): refuse what they cannot run; nothing in one process.
+
+    Args:
+        recipe: The resolved recipe.
+        section: ``pretrain`` or ``finetune``.
+        ddp: Whether the models train under DDP (else each process trains models of its own).
+    """
+    from branchnas.training import distributed
+
+    processes = distributed.world_size()
+    if processes == 1:
+        return
+    cfg = getattr(recipe, section)
+    if ":" in cfg.device:
+        raise UserError(f"{section}.device: {cfg.device!r} names one GPU, but under torchrun each of the "
+                        f"{processes} processes takes the GPU of its LOCAL_RANK; use auto or cuda")
+    if not ddp:
+        return
+    if cfg.sync_bn and (cfg.device == "cpu" or not _cuda()):
+        raise UserError(f"{section}.sync_bn: torch's SyncBatchNorm runs on GPUs only; "
+                        f"set {section}.sync_bn = false to train on the CPU")
+    distributed.check_batches(recipe.data.batch_size, len(splits_of(recipe)[0]["train"]))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def check_package(module: str, what: str, install: str) -> None:

@@ -31,6 +31,7 @@ NOT_FINGERPRINTED = ("compare_random", "compare_variants", "compare_weightings",
 class FinetuneStage(Stage):
     name = "finetune"
     summary = "Stage 4: build the branched network and fine-tune it."
+    distributed = True
     requires = ("pretrain", "search")
     artifacts = (
         Artifact("model.pt", "the fine-tuned network: weights, tree, tasks, preprocessing"),
@@ -52,8 +53,11 @@ class FinetuneStage(Stage):
         The data, tasks and backbone also reach it through pretrain's fingerprint.
         """
         finetune = {k: v for k, v in dataclasses.asdict(recipe.finetune).items() if k not in NOT_FINGERPRINTED}
-        if finetune.get("precision") == "fp32":  # what every run computed before the key existed: keyed as before
+        # What every run computed before these keys existed: keyed as before.
+        if finetune.get("precision") == "fp32":
             finetune.pop("precision")
+        if not finetune.get("sync_bn"):
+            finetune.pop("sync_bn", None)
         if recipe.finetune.variant != "gated":
             finetune.pop("gated")  # the gates' settings change only the gated variant
         return {
@@ -72,7 +76,13 @@ class FinetuneStage(Stage):
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
         from branchnas.finetune import check_variant
-        from branchnas.stages._checks import check_device, check_log, check_precision, splits_of
+        from branchnas.stages._checks import (
+            check_device,
+            check_log,
+            check_precision,
+            check_processes,
+            splits_of,
+        )
 
         check_variant(recipe)  # an unknown variant is refused before the data is opened
         if recipe.finetune.variant != "plain":
@@ -80,6 +90,8 @@ class FinetuneStage(Stage):
         check_device(recipe.finetune.device, "finetune.device")
         check_precision(recipe.finetune.precision, recipe.finetune.device, "finetune.precision")
         check_log(recipe.finetune.log, "finetune.log")
+        check_processes(recipe, "finetune")
+        _check_weighting_under_ddp(recipe)
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from branchnas.finetune import finetune_tree
@@ -91,6 +103,23 @@ class FinetuneStage(Stage):
         return {"outputs": outputs, "delta_mtl": report["delta_mtl"], "variant": report["variant"],
                 "params": report["params"], "flops": report["flops"],
                 "within_budget": (report.get("budget") or {}).get("within")}
+
+
+def _check_weighting_under_ddp(recipe: Any) -> None:
+    """Under torchrun, refuse a loss weighting that cannot train under DDP (``ddp_conflict``)."""
+    from branchnas.errors import UserError
+    from branchnas.training import distributed
+    from branchnas.weighting import WEIGHTINGS
+
+    if distributed.world_size() == 1:
+        return
+    spec = recipe.finetune.weighting
+    name = spec.get("name") if isinstance(spec, Mapping) else spec
+    conflict = getattr(WEIGHTINGS.get(name), "ddp_conflict", "")
+    if conflict:
+        usable = ", ".join(n for n, cls in WEIGHTINGS.items() if not cls.ddp_conflict)
+        raise UserError(f"finetune.weighting: '{name}' cannot train under torchrun (DDP): {conflict}; "
+                        f"choose one of {usable}, or train in one process")
 
 
 def model_path(rundir: Any) -> Path:

@@ -22,6 +22,7 @@ __all__ = ["PretrainStage", "read_metrics", "load_single_task", "model_path", "s
 class PretrainStage(Stage):
     name = "pretrain"
     summary = "Stage 1: train one single-task model per task."
+    distributed = True
     artifacts = (
         Artifact("*.pt", "one trained single-task model per task: encoder, head, metrics"),
         Artifact("metrics.json", "per task: val/test metrics, chance level, kept epoch (the Δ_MTL baselines)"),
@@ -31,14 +32,18 @@ class PretrainStage(Stage):
     def config(self, recipe: Any, options: Mapping[str, Any]) -> dict[str, Any]:
         """Data, tasks, backbone, ``[pretrain]`` and the seed.
 
-        ``pretrain.device``, ``pretrain.concurrent`` and ``pretrain.log`` decide where and how
-        the models train and are logged, not what they compute, so they are left out.
+        ``pretrain.device``, ``pretrain.concurrent``, ``pretrain.parallel`` and ``pretrain.log``
+        decide where and how the models train and are logged, not what they compute, so they
+        are left out (as is the number of processes).
         """
         train = dataclasses.asdict(recipe.pretrain)
-        for key in ("device", "concurrent", "log"):
+        for key in ("device", "concurrent", "parallel", "log"):
             train.pop(key, None)
-        if train.get("precision") == "fp32":  # what every run computed before the key existed: keyed as before
+        # What every run computed before these keys existed: keyed as before.
+        if train.get("precision") == "fp32":
             train.pop("precision")
+        if not train.get("sync_bn"):
+            train.pop("sync_bn", None)
         return {
             "data": dataclasses.asdict(recipe.data),
             "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
@@ -48,15 +53,25 @@ class PretrainStage(Stage):
         }
 
     def check(self, recipe: Any, options: Mapping[str, Any]) -> None:
-        from branchnas.pretrain import task_names
-        from branchnas.stages._checks import check_device, check_log, check_precision, splits_of
+        from branchnas.pretrain import parallel_mode, task_names
+        from branchnas.stages._checks import (
+            check_device,
+            check_log,
+            check_precision,
+            check_processes,
+            splits_of,
+        )
+        from branchnas.training import distributed
 
-        select_tasks(task_names(recipe), options.get("tasks"))
+        selected = select_tasks(task_names(recipe), options.get("tasks"))
         check_device(recipe.pretrain.device, "pretrain.device")
         check_precision(recipe.pretrain.precision, recipe.pretrain.device, "pretrain.precision")
         check_log(recipe.pretrain.log, "pretrain.log")
         splits_of(recipe)  # the data opens and every task's target is there
         _check_backbone(recipe)
+        # As many models as will train when none is done yet (the trainer checks again).
+        mode = parallel_mode(recipe.pretrain.parallel, len(selected), distributed.world_size())
+        check_processes(recipe, "pretrain", ddp=mode == "data")
 
     def keep_on_force(self, options: Mapping[str, Any]) -> Callable[[str], bool] | None:
         """``--force --tasks a``: retrain ``a`` only, keeping the other models."""
@@ -75,10 +90,13 @@ class PretrainStage(Stage):
             write_metrics,
             write_missing_histories,
         )
+        from branchnas.training import distributed
 
         names = task_names(ctx.recipe)
         selected = select_tasks(names, ctx.options.get("tasks"))
         train_missing(ctx.recipe, ctx.folder, selected, ctx.progress)
+        if not distributed.is_main():
+            return {}  # rank 0 writes the stage's files; the others only helped train
         done = [n for n in names if task_file(ctx.folder, n).exists()]
         missing = [n for n in names if n not in done]
         write_metrics(ctx.folder, done)

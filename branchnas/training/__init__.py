@@ -14,7 +14,9 @@ Modules, one concern each:
 * :mod:`~branchnas.training.optim`: the optimizer, :func:`lr_factor` and gradient clipping;
 * :mod:`~branchnas.training.evaluation`: :func:`evaluate` and :func:`evaluate_models`;
 * :mod:`~branchnas.training.runtime`: :func:`resolve_device`, autocast, channels-last,
-  kernel settings and :func:`derive_seed`.
+  kernel settings and :func:`derive_seed`;
+* :mod:`~branchnas.training.distributed`: several processes under torchrun (DDP, rank 0,
+  the shares of each batch).
 
 Example:
     >>> trainer = Trainer(model, tasks, recipe.finetune, batch_size=64, seed=0,

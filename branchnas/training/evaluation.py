@@ -3,6 +3,11 @@
 Each task's meter (:meth:`branchnas.tasks.Task.meter`) accumulates over the batches; the
 models run in eval mode in the given precision (``bf16``: under autocast, as in training, with
 the outputs cast to fp32 before the meters) and keep their train/eval mode.
+
+Several processes (torchrun, :mod:`branchnas.training.distributed`): every process must call
+the function; each measures its contiguous share of every batch, and the meters' sums and
+counts are added up over the processes in rank order, so every process ends with the same
+numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from branchnas.training import distributed
 from branchnas.training.runtime import (
     _autocast,
     _batches,
@@ -36,10 +42,15 @@ def _evaluate_members(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset
     """
     meters = [{t.name: t.meter() for t in tasks} for _, tasks in models]
     modes = [model.training for model, _ in models]
+    several = distributed.world_size() > 1
     for model, _ in models:
         model.eval()
     try:
         for images, targets in _batches(dataset, batch_size, shuffle=False, seed=0, epoch=0, augment=False):
+            if several:
+                images, targets, _ = distributed.share_batch(images, targets)
+                if not len(images):
+                    continue
             images, targets = _to_device(images, targets, device, channels_last)
             for (model, tasks), meter in zip(models, meters, strict=True):
                 with _autocast(device, precision):
@@ -50,7 +61,19 @@ def _evaluate_members(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset
     finally:
         for (model, _), mode in zip(models, modes, strict=True):
             model.train(mode)
+    if several:
+        _add_up(meters)
     return [{name: m.compute() for name, m in meter.items()} for meter in meters]
+
+
+def _add_up(meters: Sequence[dict[str, Any]]) -> None:
+    """Replace each meter's sums by their totals over the processes, added in rank order."""
+    states = distributed.all_gather_objects([{name: m.state() for name, m in meter.items()} for meter in meters])
+    for i, meter in enumerate(meters):
+        for name, m in meter.items():
+            m.reset()
+            for state in states:
+                m.merge(state[i][name])
 
 
 def evaluate_models(models: Sequence[tuple[nn.Module, Sequence[Any]]], dataset: Any, batch_size: int,

@@ -16,7 +16,12 @@ What a run does, epoch by epoch:
   epoch's weights are restored;
 * a checkpoint is written atomically: model, optimizer, schedule, weighting, RNG state,
   history and best state. A run killed at any point resumes from the last finished epoch
-  and ends with the same weights, bit for bit on CPU, as a run that was never stopped.
+  and ends with the same weights, bit for bit on CPU, as a run that was never stopped;
+* under torchrun (several processes, :mod:`branchnas.training.distributed`) each model
+  trains under DDP: each process takes its contiguous share of every batch, DDP averages
+  the gradients, the training losses and validation metrics are summed over the processes
+  so that every process agrees, and rank 0 alone writes the checkpoints (every process
+  resumes from them) and draws the progress bar.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 
 from branchnas.errors import TrainingDiverged, UserError
 from branchnas.rundir import atomic_torch_save
+from branchnas.training import distributed
 from branchnas.training.concurrent import CONCURRENT_MODES, _Stack, _stackable
 from branchnas.training.evaluation import _evaluate_members
 from branchnas.training.member import _CHECKPOINT_VERSION, _better, _Member, _score, _state_to_cpu
@@ -106,9 +112,15 @@ class Trainer:
             epoch is chosen by (Δ_MTL against ``reference`` when given). An exception
             raised there stops training (tuning prunes trials this way).
 
+    Several processes (torchrun; :func:`branchnas.training.distributed.world_size` > 1):
+    every process builds the same trainer and calls :meth:`fit`; each model trains under
+    DDP (``concurrent`` is ``shared``), on the GPU of the process's ``LOCAL_RANK`` when the
+    device is CUDA, with ``cfg.sync_bn`` turning its BatchNorm layers into SyncBatchNorm.
+
     Raises:
         UserError: a bad device, precision (bf16 where the hardware has none), optimizer or
-            concurrent mode.
+            concurrent mode; under DDP, a loss weighting that cannot train there, or
+            ``sync_bn`` on the CPU.
         ValueError: models and tasks do not match.
     """
 
@@ -153,6 +165,9 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.device = resolve_device(cfg.device, f"{self.section}.device")
+        self.world = distributed.world_size()
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (LOCAL_RANK)
         self.precision = resolve_precision(getattr(cfg, "precision", "fp32"), self.device, f"{self.section}.precision")
         self.channels_last = self.device.type == "cuda"
         self.tasks = list(tasks)
@@ -195,6 +210,9 @@ class Trainer:
             for member in self.members:  # score epochs against it (Δ_MTL vs single-task) instead of epoch 1
                 member.reference = {k: dict(v) for k, v in reference.items()}
         self.stack_reason = _stackable(self.members)
+        if self.world > 1:
+            self.stack_reason = "under DDP each model trains as its own replica"
+            self._replicate(getattr(cfg, "sync_bn", False))
         if not self.stack_reason and self.precision == "bf16" and self.device.type == "cpu":
             # Measured: the vmapped convolutions come out fp32 under CPU autocast (it has no
             # rule for aten::convolution, which vmap lowers conv2d to); CUDA's has one.
@@ -205,12 +223,27 @@ class Trainer:
             concurrent = "stacked" if self.device.type == "cuda" and not self.stack_reason else "shared"
         self.concurrent = concurrent
 
+    def _replicate(self, sync_bn: bool) -> None:
+        """Wrap each model in DDP (the same order on every process), refusing what cannot train there."""
+        if sync_bn and self.device.type != "cuda":
+            raise UserError(f"{self.section}.sync_bn: torch's SyncBatchNorm runs on GPUs only; "
+                            f"set {self.section}.sync_bn = false to train on the CPU")
+        for member in self.members:
+            conflict = getattr(member.weighting, "ddp_conflict", "")
+            if conflict:
+                raise UserError(f"loss weighting '{member.weighting.name}' cannot train under DDP: {conflict}; "
+                                "choose another one, or train in one process")
+        for member in self.members:
+            member.replica = distributed.replicate(member.model, member.extra, self.device, sync_bn)
+
     # -- checkpoints
 
     def _config(self) -> dict[str, Any]:
         cfg = _cfg_dict(self.cfg)
-        for key in ("device", "concurrent", "log"):  # where and how it runs and logs, not what it computes
+        for key in ("device", "concurrent", "parallel", "log"):  # where and how it runs and logs, not what it computes
             cfg.pop(key, None)
+        if not cfg.get("sync_bn"):  # checkpoints from before the key existed still resume
+            cfg.pop("sync_bn", None)
         for key in [k for k in cfg if k.startswith("compare_")]:  # read only by `branchnas compare`
             cfg.pop(key)
         cfg["precision"] = self.precision  # what it computes in: auto as resolved on this machine
@@ -224,27 +257,35 @@ class Trainer:
     def _resume(self) -> None:
         config = self._config()
         for member in self.members:
-            path = self._checkpoint_path(member)
-            if path is None or not path.exists():
-                continue
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
-                raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start that model afresh") from None
-            if state.get("version") != _CHECKPOINT_VERSION or state.get("member") != member.name:
-                raise UserError(f"checkpoint {path} is not a checkpoint of '{member.name}'; delete it to start afresh")
-            old = state.get("config", {})
-            if old != config:
-                key = _first_difference(old, config)
-                raise UserError(
-                    f"checkpoint {path} was written with other settings ({key}); "
-                    f"delete {path.parent} to start afresh, or restore the old settings"
-                )
-            member.load(state)
+            # Rank 0 reads the checkpoint and every process resumes from what it read.
+            state, error = self._read_checkpoint(member, config) if distributed.is_main() else (None, None)
+            state, error = distributed.broadcast_object((state, error))
+            if error:
+                raise UserError(error)
+            if state is not None:
+                member.load(state)
+
+    def _read_checkpoint(self, member: _Member, config: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """``(the member's checkpoint or None, None)``, or ``(None, why it cannot be resumed from)``."""
+        path = self._checkpoint_path(member)
+        if path is None or not path.exists():
+            return None, None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same advice
+            return None, f"checkpoint {path} cannot be read ({type(err).__name__}); delete it to start that model afresh"
+        if state.get("version") != _CHECKPOINT_VERSION or state.get("member") != member.name:
+            return None, f"checkpoint {path} is not a checkpoint of '{member.name}'; delete it to start afresh"
+        old = state.get("config", {})
+        if old != config:
+            key = _first_difference(old, config)
+            return None, (f"checkpoint {path} was written with other settings ({key}); "
+                          f"delete {path.parent} to start afresh, or restore the old settings")
+        return state, None
 
     def _save(self, member: _Member) -> None:
         path = self._checkpoint_path(member)
-        if path is not None:
+        if path is not None and distributed.is_main():
             atomic_torch_save(member.state(self._config()), path)
 
     # -- the loop
@@ -269,6 +310,7 @@ class Trainer:
 
         from branchnas.progress import show_progress
 
+        distributed.check_batches(self.batch_size, len(train))
         self._resume()
         epochs = int(self.cfg.epochs)
         steps_per_epoch = _num_batches(len(train), self.batch_size)
@@ -277,8 +319,9 @@ class Trainer:
         pending = [m for m in self.members if not m.done(epochs)]
         start = min((m.epoch for m in pending), default=epochs)
         with _kernel_settings(self.device):
+            shown = show_progress(self.progress) and distributed.is_main()  # one bar: rank 0's
             bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=self.desc, unit="batch",
-                       disable=not show_progress(self.progress), dynamic_ncols=True, leave=True, mininterval=0.5)
+                       disable=not shown, dynamic_ncols=True, leave=True, mininterval=0.5)
             try:
                 for epoch in range(start, epochs):
                     group = [m for m in self.members if not m.done(epochs) and m.epoch == epoch]
@@ -312,13 +355,17 @@ class Trainer:
             for index, (images, targets) in enumerate(_batches(
                 train, self.batch_size, shuffle=True, seed=self.seed, epoch=epoch, augment=self.augment
             )):
+                count = images.shape[0]
+                share = 1.0
+                if self.world > 1:
+                    images, targets, share = distributed.share_batch(images, targets)
                 images, targets = _to_device(images, targets, self.device, self.channels_last)
                 lr = self.cfg.lr * lr_factor(group[0].step, self.total_steps, self.warmup_steps, self.cfg.schedule)
                 if stack is None:
-                    weights = self._step_shared(group, images, targets, epoch, index, lr)
+                    weights = self._step_shared(group, images, targets, epoch, index, lr, share)
                 else:
                     weights = self._step_stacked(stack, images, targets, epoch, index, lr)
-                images_seen += images.shape[0]
+                images_seen += count
                 batches += 1
                 seconds = time.perf_counter() - started
                 bar.update(1)
@@ -328,6 +375,9 @@ class Trainer:
         finally:
             if stack is not None:
                 stack.write_back()
+        for m in group:
+            if m.replica is not None:
+                distributed.sync_buffers(m.model)
         train_seconds = time.perf_counter() - started
         metrics = _evaluate_members([(m.model, m.tasks) for m in group], val, self.batch_size,
                                     self.device, self.channels_last, self.precision) if val is not None else None
@@ -384,7 +434,13 @@ class Trainer:
 
     def _check_finite(self, group: list[_Member], losses: list[dict[str, Tensor]], epoch: int, index: int) -> None:
         flat = [(m, name, value) for m, ls in zip(group, losses, strict=True) for name, value in ls.items()]
-        values = torch.stack([v.detach().float() for _, _, v in flat]).tolist()  # one sync per step
+        values = torch.stack([v.detach().float() for _, _, v in flat])  # one sync per step
+        if self.world > 1:
+            # Each process's losses are weighted by its share of the batch (share_batch), so
+            # their mean over the processes is the whole batch's; every process sees the same
+            # values and stops together on a NaN.
+            values = distributed.all_reduce_sum(values) / self.world
+        values = values.tolist()
         for (m, name, _), value in zip(flat, values, strict=True):
             if not math.isfinite(value):
                 raise TrainingDiverged(
@@ -396,7 +452,7 @@ class Trainer:
             m.epoch_loss_sums[name] += value
 
     def _step_shared(self, group: list[_Member], images: Tensor, targets: dict[str, Tensor],
-                     epoch: int, index: int, lr: float) -> dict[str, dict[str, float]]:
+                     epoch: int, index: int, lr: float, share: float = 1.0) -> dict[str, dict[str, float]]:
         all_losses, weights = [], {}
         for m in group:
             with m.rng():
@@ -406,18 +462,23 @@ class Trainer:
                 features = None
                 with _autocast(self.device, self.precision):
                     if self.objective is not None and self.objective.wants_features:
-                        outputs, features = m.model.forward_features(images)
+                        outputs, features = m.forward(images, features=True)
                     else:
-                        outputs = m.model(images)
+                        outputs = m.forward(images)
                 outputs = _float_outputs(outputs)  # losses (and distillation) in fp32
                 losses = m.losses(outputs, targets)
                 if self.objective is not None:
                     losses = self.objective(images, outputs, losses, targets, features)
+                if share != 1.0:  # an uneven share of the last batch (see share_batch)
+                    losses = {name: loss * share for name, loss in losses.items()}
                 weights[m.name] = m.weighting.backward(losses, m.shared)
                 if m.variant is not None:
                     regulariser = m.variant.regulariser(m.model)
                     if regulariser is not None:
-                        if regulariser.requires_grad:
+                        if regulariser.requires_grad and m.replica is not None:
+                            _add_gradient(regulariser, m.params + [p for opt in m.owned for g in opt.param_groups
+                                                                    for p in g["params"]])
+                        elif regulariser.requires_grad:
                             regulariser.backward()
                         m.epoch_regulariser += float(regulariser.detach())
             all_losses.append(losses)
@@ -465,6 +526,19 @@ class Trainer:
         for m in group:
             m.step += 1
         return weights
+
+
+def _add_gradient(term: Tensor, params: Sequence[Tensor]) -> None:
+    """Add ``term``'s gradient to the ``.grad`` of ``params`` without a second backward pass.
+
+    Under DDP a forward pass allows one backward pass. A variant's regulariser depends on the
+    parameters alone, so its gradient is the same on every process and needs no averaging.
+    """
+    params = [p for p in params if p.requires_grad]
+    grads = torch.autograd.grad(term, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
 
 
 def _first_difference(old: Any, new: Any, path: str = "") -> str:

@@ -94,6 +94,14 @@ class _Member:
         self.last_losses: dict[str, float] = {}
         self.epoch_loss_sums: dict[str, float] = {}
         self.epoch_regulariser = 0.0
+        # Under DDP (several processes): the model's replica, through which it trains.
+        self.replica: nn.Module | None = None
+
+    def forward(self, images: Tensor, features: bool = False) -> Any:
+        """The model's outputs (with ``features``: ``forward_features``), through its DDP replica if any."""
+        if self.replica is not None:
+            return self.replica(images, features=features)
+        return self.model.forward_features(images) if features else self.model(images)
 
     @contextlib.contextmanager
     def rng(self) -> Iterator[None]:

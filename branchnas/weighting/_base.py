@@ -26,6 +26,11 @@ class LossWeighting:
     """
 
     name = ""
+    #: Why the scheme cannot train under DDP (several processes), or "" when it can. DDP
+    #: averages the gradients of the backward pass over the processes; a scheme that reshapes
+    #: per-task gradients, or that weighs by loss values, would see only its own process's
+    #: share of the batch.
+    ddp_conflict = ""
 
     def __init__(self, tasks: Sequence[Task], seed: int = 0) -> None:
         if not tasks:

@@ -14,6 +14,10 @@ from branchnas.errors import unknown_choice
 from branchnas.tasks import Task
 from branchnas.weighting._base import LossWeighting, _loss_values, _TaskState, register_weighting
 
+#: Why none of these schemes trains under DDP (``LossWeighting.ddp_conflict``).
+_PER_PROCESS = ("it works on each process's own per-task gradients, which DDP does not average "
+                "(the processes' weights would drift apart)")
+
 
 def project_conflicting(grads: Tensor, orders: Sequence[Sequence[int]]) -> Tensor:
     """PCGrad's projection (Yu et al., NeurIPS 2020, Algorithm 1) on flat gradients.
@@ -119,6 +123,8 @@ class PCGrad(LossWeighting):
     plus one full one.
     """
 
+    ddp_conflict = _PER_PROCESS
+
     def backward(self, losses: Mapping[str, Tensor], shared: Sequence[Tensor]) -> dict[str, float]:
         weights = self.weights(losses)
         names = list(losses)
@@ -160,6 +166,8 @@ class GradNorm(_TaskState):
         alpha: α, the strength of the pull towards equal training rates.
         lr: Learning rate of ``v`` (0.025 in the paper).
     """
+
+    ddp_conflict = _PER_PROCESS
 
     def __init__(self, tasks: Sequence[Task], seed: int = 0, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(tasks, seed)
@@ -292,6 +300,8 @@ class MGDA(_TaskState):
         normalization: ``none``, ``l2``, ``loss`` or ``loss+``.
     """
 
+    ddp_conflict = _PER_PROCESS
+
     def __init__(self, tasks: Sequence[Task], seed: int = 0, normalization: str = "none") -> None:
         super().__init__(tasks, seed)
         if normalization not in _MGDA_NORMALIZATIONS:
@@ -355,6 +365,8 @@ class GradDrop(LossWeighting):
     Args:
         leak: ℓ in [0, 1]: the share of every gradient that always passes.
     """
+
+    ddp_conflict = _PER_PROCESS
 
     def __init__(self, tasks: Sequence[Task], seed: int = 0, leak: float = 0.0) -> None:
         super().__init__(tasks, seed)
@@ -420,6 +432,8 @@ class IMTL(LossWeighting):
         loss_scale: Also learn the IMTL-L loss scales.
     """
 
+    ddp_conflict = _PER_PROCESS
+
     def __init__(self, tasks: Sequence[Task], seed: int = 0, loss_scale: bool = False) -> None:
         super().__init__(tasks, seed)
         self.loss_scale = bool(loss_scale)
@@ -476,6 +490,8 @@ class GradVac(_TaskState):
     Args:
         beta: β, the EMA rate of the cosine targets (0.01 in the paper).
     """
+
+    ddp_conflict = _PER_PROCESS
 
     def __init__(self, tasks: Sequence[Task], seed: int = 0, beta: float = 0.01) -> None:
         super().__init__(tasks, seed)

@@ -34,7 +34,8 @@ class UncertaintyWeighting(LossWeighting):
 
     def __init__(self, tasks: Sequence[Task], seed: int = 0) -> None:
         super().__init__(tasks, seed)
-        self.log_vars = torch.zeros(len(self.task_names), requires_grad=True)
+        # A Parameter, so that DDP can average its gradient with the model's (several processes).
+        self.log_vars = torch.nn.Parameter(torch.zeros(len(self.task_names)))
 
     def parameters(self) -> list[Tensor]:
         return [self.log_vars]
@@ -143,6 +144,7 @@ class FAMO(_TaskState):
     """
 
     eps = 1e-8
+    ddp_conflict = "its weights follow each process's own loss values, so the processes would disagree"
 
     def __init__(self, tasks: Sequence[Task], seed: int = 0, lr: float = 0.025, decay: float = 0.001) -> None:
         super().__init__(tasks, seed)
