@@ -370,6 +370,25 @@ def test_tune_resumes_after_sigkill_adds_trials_and_export_writes_its_best(finet
     assert (tmp_path / "show.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "tiny" / "tune" / "study.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Tuning (stage 5)" in (out / "tiny" / "report.md").read_text()
+    # compare lists the tuned network as a row of its own, as trained by the study (no new training).
+    _cli("compare", "--variants", "plain", *_sets(out))
+    rows = json.loads((out / "tiny" / "compare" / "compare.json").read_text())["rows"]
+    (row,) = [r for r in rows if r["kind"] == "tuned"]
+    report = json.loads((out / "tiny" / "tune" / "report.json").read_text())
+    assert row["name"] == f"tuned (gated, trial {report['tuned']['trial']})"
+    assert row["params"] == report["params"] and row["test"] == report["test"]
+
+
+@pytest.mark.slow
+def test_run_with_tune_enabled_exports_the_tuned_network(finetuned, tmp_path):
+    out = _copy(finetuned, tmp_path)
+    result = _cli("run", "--json", *_sets(out, "tune.enabled=true", "tune.trials=2"))
+    data = json.loads(result.stdout)
+    assert list(data["stages"]) == ["pretrain", "affinity", "search", "finetune", "tune", "export"]
+    assert data["stages"]["tune"]["skipped"] is False and data["summary"]["tuned"]["trials"] == 2
+    manifest = json.loads((out / "tiny" / "manifest.json").read_text())
+    assert manifest["stages"]["export"]["source"] == "tune"
+    assert "tune" in manifest["stages"]["export"]["depends"]
 
 
 @pytest.mark.slow
