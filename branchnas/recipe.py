@@ -180,7 +180,7 @@ class FinetuneConfig(TrainConfig):
 
     epochs: int = field(default=4, metadata=_spec("training epochs", min=1))
     lr: float = field(default=0.02, metadata=_spec("peak learning rate", min=0.0))
-    variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused"))
+    variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused", "attentive"))
     weighting: str | dict[str, Any] = field(default="uncertainty", metadata=_spec(
         "loss weighting: a name, or a table { name = ..., option = value }; options: dwa: temperature; "
         "gradnorm: alpha, lr; mgda: normalization; graddrop: leak; imtl: loss_scale; gradvac: beta; famo: lr, decay",

@@ -16,7 +16,7 @@ from branchnas_cli._options import force_option, load, recipe_options, run_stage
          "'{ name = \"gradnorm\", alpha = 1.5 }'); default: the recipe's (uncertainty).",
 )
 @click.option(
-    "--variant", type=click.Choice(["plain", "gated", "fused"]), default=None,
+    "--variant", type=click.Choice(["plain", "gated", "fused", "attentive"]), default=None,
     help="Fine-tuning variant (shortcut for --set finetune.variant=...): plain, or gated (GatedMTL "
          "gates in the shared blocks, pruned after training; settings in [finetune.gated]).",
 )

@@ -233,6 +233,10 @@ class Trainer:
             if conflict:
                 raise UserError(f"loss weighting '{member.weighting.name}' cannot train under DDP: {conflict}; "
                                 "choose another one, or train in one process")
+            conflict = getattr(member.variant, "ddp_conflict", "") if member.variant is not None else ""
+            if conflict:
+                raise UserError(f"fine-tuning variant '{member.variant.name}' cannot train under DDP: {conflict}; "
+                                "choose another one, or train in one process")
         for member in self.members:
             member.replica = distributed.replicate(member.model, member.extra, self.device, sync_bn)
 
@@ -471,7 +475,11 @@ class Trainer:
                     losses = self.objective(images, outputs, losses, targets, features)
                 if share != 1.0:  # an uneven share of the last batch (see share_batch)
                     losses = {name: loss * share for name, loss in losses.items()}
-                weights[m.name] = m.weighting.backward(losses, m.shared)
+                if m.variant is not None:  # the variant's backward (by default the weighting's)
+                    progress = m.step / max(self.total_steps, 1)
+                    weights[m.name] = m.variant.backward(m.model, losses, m.weighting, m.shared, progress)
+                else:
+                    weights[m.name] = m.weighting.backward(losses, m.shared)
                 if m.variant is not None:
                     regulariser = m.variant.regulariser(m.model)
                     if regulariser is not None:

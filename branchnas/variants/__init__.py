@@ -42,7 +42,7 @@ __all__ = ["Variant", "VARIANTS", "PLANNED", "register_variant", "get_variant", 
 VARIANTS: dict[str, type[Variant]] = {}
 
 #: Names the recipe accepts that no variant implements yet (refused before any work).
-PLANNED = ("fused",)
+PLANNED = ("fused", "attentive")
 
 
 class Variant:
@@ -54,6 +54,8 @@ class Variant:
 
     name = ""
     summary = ""
+    #: Why the variant cannot train under DDP (several processes), or "" when it can.
+    ddp_conflict = ""
 
     def __init__(self, recipe: Any) -> None:
         self.recipe = recipe
@@ -65,6 +67,18 @@ class Variant:
               init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
         """The network to train, from the single-task backbones and heads."""
         raise NotImplementedError
+
+    def backward(self, model: nn.Module, losses: Mapping[str, Tensor], weighting: Any,
+                 shared: Sequence[Tensor], progress: float) -> dict[str, float]:
+        """The training step's backward pass; returns the loss weights used (for the history).
+
+        By default the loss weighting's (``weighting.backward(losses, shared)``). A variant that
+        routes gradients (task-specific parameters updated by their own task's loss only), or
+        adds a term that needs the step's graph (a discriminator on the gradients), overrides
+        it and still leaves the weighting's backward to do the rest. ``progress``: the share of
+        the training steps done, from 0 to 1 (for schedules).
+        """
+        return weighting.backward(losses, shared)
 
     def regulariser(self, model: nn.Module) -> Tensor | None:
         """A loss term added to every training step (``None``: none)."""
