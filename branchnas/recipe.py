@@ -38,6 +38,8 @@ __all__ = [
     "AffinityConfig",
     "SearchConfig",
     "FinetuneConfig",
+    "FusedConfig",
+    "AttentiveConfig",
     "TuneConfig",
     "ExportConfig",
     "TASK_KINDS",
@@ -175,6 +177,35 @@ class GatedConfig:
 
 
 @dataclass
+class FusedConfig:
+    """``[finetune.fused]``: the Task Fusion variant's layers (``finetune.variant = "fused"``)."""
+
+    where: str = field(default="all", metadata=_choices(
+        "all", "last", doc="which convs of a shared block get a task fusion layer in place of their BN→ReLU: "
+        "all of them, or the last one of each block"))
+    modulation: str = field(default="both", metadata=_choices(
+        "film", "prelu", "both", doc="task modulation: FiLM (γ, β), MultiPReLU (α), or FiLM then PReLU"))
+    bottleneck: str = field(default="conv", metadata=_choices(
+        "conv", "linear", "attention", doc="shared bottleneck from C·(T+1) channels back to C: 1×1 conv + BN, "
+        "a linear layer over channels, or self-attention over the T+1 modulations"))
+
+
+@dataclass
+class AttentiveConfig:
+    """``[finetune.attentive]``: the ASTMT variant's modulation (``finetune.variant = "attentive"``)."""
+
+    reduction: int = field(default=16, metadata=_spec("squeeze-and-excitation reduction ratio", min=1))
+    adapters: bool = field(default=False, metadata=_spec(
+        "per-task residual adapters: a 1×1 conv beside each shared conv, initialised to zero"))
+    adversarial: bool = field(default=True, metadata=_spec(
+        "adversarial training: a discriminator tells the tasks apart from their gradients at the branch "
+        "points, and the reversed gradient makes them indistinguishable"))
+    weight: float = field(default=0.01, metadata=_spec("w: the loss is (1 - w)·L_task + w·L_D", min=0.0, max=1.0))
+    discriminator_lr: float = field(default=10.0, metadata=_spec(
+        "the discriminator's learning rate, as a multiple of finetune.lr", min=0.0))
+
+
+@dataclass
 class FinetuneConfig(TrainConfig):
     """The ``[finetune]`` section: the branched network's multi-task fine-tuning (stage 4)."""
 
@@ -208,6 +239,8 @@ class FinetuneConfig(TrainConfig):
     compare_weightings: list[str] = field(default_factory=list, metadata=_spec(
         "loss weightings that `branchnas compare` also trains the chosen tree with, one row each (names)"))
     gated: GatedConfig = field(default_factory=GatedConfig)
+    fused: FusedConfig = field(default_factory=FusedConfig)
+    attentive: AttentiveConfig = field(default_factory=AttentiveConfig)
 
 
 @dataclass

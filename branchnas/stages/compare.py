@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from branchnas.stages._base import Artifact, Stage, StageContext, get_stage, register_stage
+from branchnas.stages.finetune import VARIANT_SECTIONS
 
 __all__ = ["CompareStage", "read_comparison", "read_comparison_markdown"]
 
@@ -45,8 +46,9 @@ class CompareStage(Stage):
             "compare_variants": recipe.finetune.compare_variants,
             "compare_weightings": recipe.finetune.compare_weightings,
         }
-        if "gated" in recipe.finetune.compare_variants:
-            config["finetune"]["gated"] = dataclasses.asdict(recipe.finetune.gated)
+        for variant in recipe.finetune.compare_variants:  # the settings of each variant it trains
+            if variant in VARIANT_SECTIONS:
+                config["finetune"][variant] = dataclasses.asdict(getattr(recipe.finetune, variant))
         return config
 
     def fingerprint_extra(self, recipe: Any, rundir: Any, options: Mapping[str, Any]) -> dict[str, Any]:

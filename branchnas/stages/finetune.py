@@ -24,6 +24,8 @@ __all__ = ["FinetuneStage", "read_report", "load_finetuned", "model_path"]
 
 #: Keys of ``[finetune]`` that do not change what stage 4 computes: ``compare_*`` are read
 #: only by ``branchnas compare``, ``device`` says where it runs (as in stage 1).
+#: ``[finetune.<variant>]`` sections: each keys the fine-tune only when its variant is chosen.
+VARIANT_SECTIONS = ("gated", "fused", "attentive")
 NOT_FINGERPRINTED = ("compare_random", "compare_variants", "compare_weightings", "device", "log")
 
 
@@ -58,8 +60,9 @@ class FinetuneStage(Stage):
             finetune.pop("precision")
         if not finetune.get("sync_bn"):
             finetune.pop("sync_bn", None)
-        if recipe.finetune.variant != "gated":
-            finetune.pop("gated")  # the gates' settings change only the gated variant
+        for section in VARIANT_SECTIONS:  # a variant's own settings change only that variant
+            if recipe.finetune.variant != section:
+                finetune.pop(section)
         return {
             "finetune": finetune,
             "tasks": [dataclasses.asdict(t) for t in recipe.tasks],
