@@ -72,6 +72,7 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
     rows: list[dict[str, Any]] = [{
         "name": "single-task", "kind": "single-task", "partitions": separate.named_partitions(),
         "params": costs.size([n] * depth, "params"), "flops": costs.size([n] * depth, "flops"),
+        "flops_per_task": _mean_pass(_separate_passes(recipe, rundir, separate, splits["train"])),
         "test": {t: dict(baseline[t]) for t in names}, "delta_mtl": 0.0,
         "delta_per_task": {t: 0.0 for t in names},
         "note": "stage-1 models; size of the all-separate tree",
@@ -100,6 +101,7 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
         rows.append({
             "name": name, "kind": kind, "variant": variant, "partitions": tree.named_partitions(),
             "params": report["params"], "flops": report["flops"],
+            "flops_per_task": _mean_pass(report.get("flops_per_task_pass")),
             "test": report["test"], "delta_mtl": delta_mtl(report["test"], baseline, tasks, undefined="nan"),
             "delta_per_task": {t.name: delta_mtl(report["test"], baseline, [t], undefined="nan") for t in tasks},
             "within_budget": budget.get("within"),
@@ -142,6 +144,22 @@ def compare_trees(recipe: Recipe, rundir: RunDir, folder: Path) -> dict[str, Any
         "random_requested": count,
         "rows": rows,
     }
+
+
+def _mean_pass(passes: Mapping[str, int] | None) -> float | None:
+    """The mean FLOPs of one task's pass alone (``None`` for a report from before they were counted)."""
+    return sum(passes.values()) / len(passes) if passes else None
+
+
+def _separate_passes(recipe: Recipe, rundir: RunDir, separate: Tree, data: Any) -> dict[str, int]:
+    """Each single-task model's FLOPs: a task's pass through the all-separate tree (the stem counted once)."""
+    import torch
+
+    from branchnas.cost import task_pass_flops
+    from branchnas.finetune import build_branched
+
+    net = build_branched(recipe, rundir, separate, init="first").eval()
+    return task_pass_flops(net, torch.zeros(1, data.in_channels, *data.image_size))
 
 
 def _weighting_key(weighting: Any) -> str | None:
@@ -319,12 +337,14 @@ def comparison_table(data: Mapping[str, Any], markdown: bool = False) -> str:
     from branchnas.tasks import format_delta
 
     tasks = data["tasks"]
-    headers = ["model", "#params", "FLOPs"]
+    headers = ["model", "#params", "FLOPs", "FLOPs/task"]
     headers += [f"{t['name']} {t['metric']} {'↑' if t['higher_is_better'] else '↓'}" for t in tasks]
     headers += ["Δ_MTL (%) ↑", "s/epoch"]
     rows = []
     for row in data["rows"]:
-        cells = [row["name"], format_count(row["params"]), format_count(row["flops"])]
+        per_task = row.get("flops_per_task")
+        cells = [row["name"], format_count(row["params"]), format_count(row["flops"]),
+                 format_count(per_task) if per_task else "-"]
         cells += [f"{row['test'][t['name']][t['metric']]:.4f}" for t in tasks]
         cells.append(format_delta(row['delta_mtl'], percent=""))
         seconds = row.get("seconds_per_epoch")
@@ -339,7 +359,9 @@ def comparison_markdown(data: Mapping[str, Any]) -> str:
     lines = [
         "# branchnas compare",
         "",
-        f"Test split. {data['units']}. Δ_MTL against the single-task models (GatedMTL eq. 6).",
+        f"Test split. {data['units']}; FLOPs/task: the mean FLOPs of one task's pass alone (the attentive "
+        "variant runs one pass per task, so its FLOPs are the stem plus every task's pass). Δ_MTL against the "
+        "single-task models (GatedMTL eq. 6).",
         "",
         comparison_table(data, markdown=True),
         "",

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 
     from branchnas.backbones import Backbone
 
-__all__ = ["ALL_HEADS", "BlockCosts", "as_count", "block_costs", "count_params", "count_flops"]
+__all__ = ["ALL_HEADS", "BlockCosts", "as_count", "block_costs", "count_params", "count_flops",
+           "task_pass_flops"]
 
 #: The head key of a :meth:`BlockCosts.coerce` result whose heads were given as one total.
 ALL_HEADS = "*"
@@ -117,6 +118,18 @@ def count_flops(module: nn.Module, inputs: Tensor | tuple[Any, ...]) -> int:
     if skipped:
         logger.debug("fvcore counted 0 flops for %s in %s", dict(skipped), type(module).__name__)
     return total
+
+
+def task_pass_flops(net: nn.Module, x: Tensor) -> dict[str, int]:
+    """fvcore FLOPs of each task's pass alone (``net(x, [task])``: the stem, the nodes on the task's
+    path and its head) on the input ``x`` (a batch of one for per-image costs).
+
+    A branched network computes every task in one pass, sharing what the tasks share; this is
+    what one task costs on its own (the attentive variant runs one such pass per task).
+    """
+    from branchnas.models.branched import TaskPass
+
+    return {task: count_flops(TaskPass(net, task), x) for task in net.task_names}
 
 
 def as_count(value: float) -> int | float:

@@ -229,14 +229,15 @@ def load_checkpoint_info(path: str | Path) -> dict[str, Any]:
 
 
 def model_cost(net: BranchedNet, in_channels: int, image_size: Sequence[int]) -> dict[str, int]:
-    """fvcore params and FLOPs (per image; one multiply-add = one flop) of a built network."""
+    """fvcore params and FLOPs (per image; one multiply-add = one flop) of a built network, and the
+    FLOPs of each task's pass alone (``flops_per_task_pass``; the attentive variant runs one per task)."""
     import torch
 
-    from branchnas.cost import count_flops, count_params
+    from branchnas.cost import count_flops, count_params, task_pass_flops
 
     device = next(net.parameters()).device
     x = torch.zeros(1, in_channels, *image_size, device=device)
-    return {"params": count_params(net), "flops": count_flops(net, x)}
+    return {"params": count_params(net), "flops": count_flops(net, x), "flops_per_task_pass": task_pass_flops(net, x)}
 
 
 def single_task_metrics(rundir: RunDir, split: str = "test") -> dict[str, dict[str, float]]:
@@ -356,6 +357,7 @@ def finetune_tree(
                                      "higher_is_better": t.higher_is_better(t.primary_metric)} for t in tasks],
         "params": cost["params"],
         "flops": cost["flops"],
+        "flops_per_task_pass": cost["flops_per_task_pass"],
         "val": val,
         "test": test,
         "single_task": {"val": baseline_val, "test": baseline_test},

@@ -234,7 +234,7 @@ class FinetuneConfig(TrainConfig):
     balance: str = field(default="none", metadata=_choices("none", "single_task", doc="scale each task's loss by 1 / its single-task model's final training loss"))
     select: str = field(default="last", metadata=_choices("last", "best", doc="keep the last epoch, or the one with the best validation Δ_MTL"))
     compare_random: int = field(default=0, metadata=_spec("random trees of similar size in `branchnas compare`", min=0))
-    compare_variants: list[str] = field(default_factory=lambda: ["plain", "gated"], metadata=_spec(
+    compare_variants: list[str] = field(default_factory=lambda: ["plain", "gated", "fused", "attentive"], metadata=_spec(
         "fine-tuning variants that `branchnas compare` trains on the chosen tree, one row each"))
     compare_weightings: list[str] = field(default_factory=list, metadata=_spec(
         "loss weightings that `branchnas compare` also trains the chosen tree with, one row each (names)"))

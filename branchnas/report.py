@@ -209,6 +209,12 @@ def _weighting_name(weighting: Any) -> str:
     return str(weighting or "uniform")
 
 
+def _over_budget_fix(variant: str) -> str:
+    from branchnas.variants import over_budget_fix
+
+    return over_budget_fix(variant)
+
+
 def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
     """The budget check and, for the gated variant, how much each task specialised."""
     out = []
@@ -217,8 +223,9 @@ def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
         verdict = "fits" if budget["within"] else "**does not fit**"
         out += [f"The finished network {verdict} the budget: {format_count(budget['size'])} of "
                 f"{format_count(budget['limit'])} {budget['metric']} (fvcore, measured on the network itself)."
-                + ("" if budget["within"] else " `branchnas export` refuses it: raise finetune.gated.sparsity "
-                   "or lower finetune.gated.targets and fine-tune again, or set export.over_budget = true."), ""]
+                + ("" if budget["within"] else " `branchnas export` refuses it: "
+                   f"{_over_budget_fix(finetune.get('variant', 'plain'))} and fine-tune again, or set "
+                   "export.over_budget = true."), ""]
     gates = finetune.get("gates")
     if gates:
         from branchnas.variants.present import gate_table

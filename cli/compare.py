@@ -23,7 +23,7 @@ from branchnas_cli._options import (
                    "parameters (shortcut for --set finetune.compare_random=N).")
 @click.option("--variants", default=None, metavar="LIST",
               help="Comma-separated fine-tuning variants to train on the chosen tree, one row each "
-                   "(shortcut for --set finetune.compare_variants=[...]); default: plain,gated.")
+                   "(shortcut for --set finetune.compare_variants=[...]); default: plain,gated,fused,attentive.")
 @click.option("--weighting", "weightings", default=None, metavar="LIST|all",
               help="Also fine-tune the chosen tree with each of these loss weightings (comma-separated, or "
                    "'all'), one row each, same seeds (shortcut for --set finetune.compare_weightings=[...]).")
@@ -33,10 +33,10 @@ def command(recipe: str | None, overrides: tuple[str, ...], force: bool, random_
     """Fine-tune and tabulate the single-task models, the all-shared network and the chosen tree.
 
     As in the paper's Tables 1 and 2: parameters, FLOPs (fvcore, one multiply-add = one
-    flop, per image), every task's primary test metric and Δ_MTL against the single-task
+    flop, per image, and per task pass alone), every task's primary test metric and Δ_MTL against the single-task
     models. The chosen tree's model is stage 4's; the all-shared and random trees, and the
-    chosen tree under each other variant of finetune.compare_variants (gated by default) and
-    each loss weighting of --weighting, are fine-tuned here with the same settings and seeds.
+    chosen tree under each other variant of finetune.compare_variants (gated, fused and
+    attentive by default) and each loss weighting of --weighting, are fine-tuned here with the same settings and seeds.
     The number of fine-tunes and an estimate of their time are printed first. Writes
     compare/compare.json, compare/compare.md (and weightings.png with --weighting).
 
@@ -88,6 +88,6 @@ def _say_cost(recipe: object) -> None:
         seconds = sum(float(h.get("seconds") or 0) for h in history)
         if seconds:
             estimate = (f"; stage 4 took {seconds / 60:.1f} min here, so about {count * seconds / 60:.0f} min "
-                        "(gradient-surgery weightings and the gated variant take longer)")
+                        "(gradient-surgery weightings and the gated, fused and attentive variants take longer)")
     note(f"compare: up to {count} fine-tunes (all-shared, random trees, variants, weightings; "
          f"each resumes if interrupted){estimate}")

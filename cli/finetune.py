@@ -17,8 +17,10 @@ from branchnas_cli._options import force_option, load, recipe_options, run_stage
 )
 @click.option(
     "--variant", type=click.Choice(["plain", "gated", "fused", "attentive"]), default=None,
-    help="Fine-tuning variant (shortcut for --set finetune.variant=...): plain, or gated (GatedMTL "
-         "gates in the shared blocks, pruned after training; settings in [finetune.gated]).",
+    help="Fine-tuning variant (shortcut for --set finetune.variant=...): plain; gated (GatedMTL gates in the "
+         "shared blocks, pruned after training; [finetune.gated]); fused (Task Fusion layers, task parameters "
+         "trained by their own task's loss; [finetune.fused]); attentive (ASTMT: per-task SE and BatchNorm, one "
+         "pass per task, adversarial gradients; [finetune.attentive]).",
 )
 def command(recipe: str | None, overrides: tuple[str, ...], force: bool, weighting: str | None,
             variant: str | None) -> None:

@@ -14,7 +14,7 @@ from branchnas_cli.main import cli
 from click.testing import CliRunner
 
 from branchnas import compare, export, finetune
-from branchnas.errors import NotAvailableYet, UserError
+from branchnas.errors import UserError
 from branchnas.pipeline import open_run, run_stages
 from branchnas.recipe import load_recipe
 from branchnas.stages import get_stage
@@ -70,12 +70,6 @@ def test_stage_config_leaves_out_compare_only_keys_and_the_device():
     assert stage_config(a, {}) == stage_config(b, {})
     assert get_stage("compare").config(a, {}) != get_stage("compare").config(b, {})
     assert stage_config(load_recipe(None, ["finetune.lr=0.5"]), {}) != stage_config(b, {})
-
-
-def test_other_variants_are_not_available_yet(tmp_path):
-    recipe = load_recipe(None, [f"out={json.dumps(str(tmp_path))}", "finetune.variant=fused"])
-    with pytest.raises(NotAvailableYet, match="finetune.variant 'fused'"):
-        run_stages(recipe, ["finetune"])
 
 
 def test_rebuild_refuses_other_files():
@@ -255,7 +249,20 @@ def test_compare_writes_json_and_markdown(run):
     assert rows["single-task"]["delta_mtl"] == 0.0
     assert rows["single-task"]["params"] >= rows["chosen"]["params"] >= rows["all-shared"]["params"]
     assert rows["all-shared"]["partitions"] == [[["shape", "colour", "segmentation"]]] * 3
-    # The chosen tree under the gated variant (finetune.compare_variants defaults to plain, gated).
+    # The chosen tree under every other variant (finetune.compare_variants defaults to all four).
+    assert {rows[f"chosen ({v})"]["variant"] for v in ("gated", "fused", "attentive")} == {"gated", "fused", "attentive"}
+    # FLOPs of one task's pass alone: the all-separate tree's passes add up to its total, the stem
+    # counted once; the attentive network runs one pass per task, so its total is made the same way.
+    n = len(data["tasks"])
+    attentive = json.loads((rundir.path / "compare" / "chosen-attentive" / "report.json").read_text())
+    passes = attentive["flops_per_task_pass"]
+    assert rows["chosen (attentive)"]["flops_per_task"] == pytest.approx(sum(passes.values()) / n)
+    assert sum(passes.values()) > rows["chosen (attentive)"]["flops"]  # the stem runs once, not n times
+    single = rows["single-task"]
+    assert single["flops_per_task"] * n > single["flops"] > single["flops_per_task"]
+    for row in data["rows"]:
+        assert row["flops_per_task"] is not None and row["flops_per_task"] <= row["flops"]
+    assert "FLOPs/task" in (rundir.path / "compare" / "compare.md").read_text()
     gated = rows["chosen (gated)"]
     assert gated["kind"] == "variant" and gated["variant"] == "gated" and rows["chosen"]["variant"] == "plain"
     assert gated["partitions"] == rows["chosen"]["partitions"]

@@ -151,7 +151,7 @@ RECIPE_ONLY = [
      "below the smallest tree"),
     (["affinity.images=600"], "affinity.images: expected at most 500"),
     (["pretrain.device=tpu"], "pretrain.device"),
-    (["finetune.variant=fused"], "not available yet"),
+    (["finetune.variant=fused", 'backbone.name="lenet5"'], "'fused' needs a backbone of residual blocks"),
     (["finetune.variant=gated", "finetune.gated.targets={ shpe = 0.5 }"], "unknown task(s) shpe"),
     (["data.dataset=nope"], "unknown dataset 'nope'"),
     (["data.dataset=celeba", "data.root=/no/such/folder"], "data.root"),

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from branchnas.errors import UserError
 
-__all__ = ["BranchedNet", "INIT_RULES", "tree_chain", "node_name", "source_task"]
+__all__ = ["BranchedNet", "INIT_RULES", "TaskPass", "tree_chain", "node_name", "source_task"]
 
 #: How :meth:`BranchedNet.from_single_task` initialises the nodes (see there).
 INIT_RULES = ("first", "central", "outlier", "average", "scratch")
@@ -407,3 +407,15 @@ def _reinitialise(net: nn.Module, seed: int) -> None:
                 reset()
     finally:
         torch.random.set_rng_state(generator_state)
+
+
+class TaskPass(nn.Module):
+    """``net(x, [task])[task]``: one task's pass alone, as a module fvcore can trace (:func:`branchnas.cost.task_pass_flops`)."""
+
+    def __init__(self, net: nn.Module, task: str) -> None:
+        super().__init__()
+        self.net = net
+        self.task = task
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x, [self.task])[self.task]

@@ -120,10 +120,13 @@ def _check_budget(recipe: Any, rundir: Any, source: str) -> None:
     report = read_tuned(rundir, recipe) if source == "tune" else read_report(rundir)
     budget = (report or {}).get("budget") or {}
     if budget.get("within") is False and not recipe.export.over_budget:
+        from branchnas.variants import over_budget_fix
+
+        variant = (report or {}).get("variant", "plain")
         raise UserError(
-            f"the fine-tuned network has {format_count(budget['size'])} {budget['metric']}, over the budget of "
-            f"{format_count(budget['limit'])}; raise finetune.gated.sparsity or lower finetune.gated.targets and "
-            "fine-tune again, or export it anyway with --set export.over_budget=true"
+            f"the fine-tuned {variant} network has {format_count(budget['size'])} {budget['metric']}, over the budget "
+            f"of {format_count(budget['limit'])}; {over_budget_fix(variant)} and fine-tune again, or export it anyway "
+            "with --set export.over_budget=true"
         )
 
 

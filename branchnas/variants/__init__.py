@@ -18,6 +18,12 @@ name       network
 plain      the tree's branched network (:class:`branchnas.models.BranchedNet`)
 gated      GatedMTL layers in the shared nodes, pruned after training
            (:class:`branchnas.models.gated.GatedNet`)
+fused      Task Fusion layers (per-task FiLM/PReLU and a shared bottleneck) in place
+           of the shared nodes' BN→ReLU pairs; task-specific parameters learn from
+           their own task's loss only (:class:`branchnas.models.fused.FusedNet`)
+attentive  ASTMT: per-task squeeze-and-excitation and BatchNorm (optionally 1×1
+           adapters) in the shared nodes, one pass per task, and a discriminator on
+           the tasks' gradients (:class:`branchnas.models.attentive.AttentiveNet`)
 =========  ===================================================================
 
 Example:
@@ -36,13 +42,13 @@ from torch import Tensor, nn
 
 from branchnas.errors import NotAvailableYet, RecipeError, unknown_choice
 
-__all__ = ["Variant", "VARIANTS", "PLANNED", "register_variant", "get_variant", "variant_class", "variant_names"]
+__all__ = ["Variant", "VARIANTS", "PLANNED", "over_budget_fix", "register_variant", "get_variant", "variant_class", "variant_names"]
 
 #: name -> Variant class, in registration order.
 VARIANTS: dict[str, type[Variant]] = {}
 
 #: Names the recipe accepts that no variant implements yet (refused before any work).
-PLANNED = ("fused", "attentive")
+PLANNED: tuple[str, ...] = ()
 
 
 class Variant:
@@ -144,14 +150,36 @@ def get_variant(name: str, recipe: Any) -> Variant:
     return variant_class(name)(recipe)
 
 
+#: What to change when a variant's finished network is over the search budget (the search
+#: sizes trees with plain blocks; gated, fused and attentive networks add their own layers).
+OVER_BUDGET_FIX = {
+    "gated": "raise finetune.gated.sparsity or lower finetune.gated.targets (or let `branchnas tune` choose them)",
+    "fused": "its fusion layers add parameters the search did not count: set finetune.fused.where = 'last', "
+             "or a lower search.budget",
+    "attentive": "its per-task squeeze-and-excitation and BatchNorm add what the search did not count: set "
+                 "finetune.attentive.adapters = false, or a lower search.budget",
+}
+
+
+def over_budget_fix(variant: str) -> str:
+    """What to change when ``variant``'s network is over the budget (see :data:`OVER_BUDGET_FIX`)."""
+    return OVER_BUDGET_FIX.get(variant, "set a lower search.budget")
+
+
+#: The built-in variants, in the order they are listed (whichever module was imported first).
+BUILTIN = ("plain", "gated", "fused", "attentive")
+
+
 def variant_names() -> list[str]:
-    """The registered variants, in order."""
+    """The registered variants: the built-in ones in :data:`BUILTIN` order, then any others."""
     _load()
-    return list(VARIANTS)
+    return sorted(VARIANTS, key=lambda name: BUILTIN.index(name) if name in BUILTIN else len(BUILTIN))
 
 
 def _load() -> None:
     from branchnas.variants import plain  # noqa: F401, I001  (registration, in this order)
     from branchnas.variants import gated  # noqa: F401
+    from branchnas.variants import fused  # noqa: F401
+    from branchnas.variants import attentive  # noqa: F401
 
 
