@@ -9,8 +9,9 @@ on the separate task losses, the reversal's formula, and fvcore on the plain net
 from __future__ import annotations
 
 import copy
-import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ from branchnas.models.attentive import AttentiveNet, PerTask, SqueezeExcite, Tas
 from branchnas.recipe import BackboneConfig, load_recipe
 from branchnas.tasks import Task
 from branchnas.variants.attentive import reversal_alpha, reverse_gradient
+
+sys.path.insert(0, str(Path(__file__).parent))
+from variant_runs import assert_same_weights, finished_run, kill_and_resume, tiny  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
 
@@ -399,24 +403,12 @@ def test_fvcore_counts_every_task_pass_and_the_se_by_hand():
 
 
 def _tiny(out, *extra):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_finetune import tiny_overrides
-
-    return tiny_overrides(out, "attentive", "finetune.variant=attentive", *extra)
+    return tiny("attentive", out, *extra)
 
 
 @pytest.fixture(scope="module")
 def attentive_run(tmp_path_factory):
-    from branchnas.pipeline import open_run, run_stages
-
-    out = tmp_path_factory.mktemp("attentive")
-    recipe = load_recipe(None, _tiny(out))
-    rundir = open_run(recipe)
-    run_stages(recipe, ["finetune"], rundir=rundir, progress=False)
-    return recipe, rundir
+    return finished_run(tmp_path_factory, "attentive")
 
 
 @pytest.mark.slow
@@ -473,50 +465,10 @@ def test_the_attentive_export_runs_without_branchnas_and_keeps_the_task_argument
 
 @pytest.mark.slow
 def test_sigkill_mid_attentive_finetune_resumes_to_the_same_network(attentive_run, tmp_path):
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    _, rundir = attentive_run
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dirs = {}
-    for name in ("straight", "killed"):
-        dirs[name] = tmp_path / name
-        shutil.copytree(rundir.path.parent, dirs[name])
-        shutil.rmtree(dirs[name] / "attentive" / "finetune", ignore_errors=True)
-        shutil.rmtree(dirs[name] / "attentive" / "export", ignore_errors=True)
-
-    def command(out):
-        sets = _tiny(out, "finetune.epochs=5")
-        return [sys.executable, "-m", "branchnas", "finetune", *sum((["--set", s] for s in sets), [])]
-
-    subprocess.run(command(dirs["straight"]), env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(command(dirs["killed"]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = dirs["killed"] / "attentive" / ".staging" / "finetune" / "ckpt" / "model.pt"
-    deadline = time.monotonic() + 240
-    try:
-        while not ckpt.exists():
-            assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = torch.load(ckpt, weights_only=True)
-    assert killed_at["epoch"] < 5 and killed_at["owned_optimizers"]  # the discriminator's optimizer state
-    assert killed_at["variant"]["discriminators"]  # and its weights
-    subprocess.run(command(dirs["killed"]), env=env, check=True, capture_output=True, timeout=300)
-    a = torch.load(dirs["straight"] / "attentive" / "finetune" / "model.pt", weights_only=True)
-    b = torch.load(dirs["killed"] / "attentive" / "finetune" / "model.pt", weights_only=True)
-    assert a["attentive"] == b["attentive"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    report = json.loads((dirs["killed"] / "attentive" / "finetune" / "report.json").read_text())
-    assert report["training"]["history"][0] == killed_at["history"][0]  # continued, not redone
-    straight = json.loads((dirs["straight"] / "attentive" / "finetune" / "report.json").read_text())
-    assert report["attentive"]["discriminator_loss"] == straight["attentive"]["discriminator_loss"]
+    r = kill_and_resume(attentive_run[1], "attentive", tmp_path, "finetune.epochs=5")
+    assert r.killed_at["epoch"] < 5 and r.killed_at["owned_optimizers"]  # the discriminator's optimizer state
+    assert r.killed_at["variant"]["discriminators"]  # and its weights
+    assert r.straight["attentive"] == r.resumed["attentive"]
+    assert_same_weights(r.straight, r.resumed)
+    assert r.resumed_report["training"]["history"][0] == r.killed_at["history"][0]  # continued, not redone
+    assert r.resumed_report["attentive"]["discriminator_loss"] == r.straight_report["attentive"]["discriminator_loss"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from branchnas.errors import RecipeError, UserError
 from branchnas.models import BranchedNet
 from branchnas.models.fused import FiLM, FusedNet, TaskFusion, fuse_block
 from branchnas.recipe import BackboneConfig, load_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from variant_runs import assert_same_weights, finished_run, kill_and_resume, tiny  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
 
@@ -433,24 +438,12 @@ def test_the_fused_settings_key_only_the_fused_fine_tune():
 
 
 def _tiny(out, *extra):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_finetune import tiny_overrides
-
-    return tiny_overrides(out, "fused", "finetune.variant=fused", *extra)
+    return tiny("fused", out, *extra)
 
 
 @pytest.fixture(scope="module")
 def fused_run(tmp_path_factory):
-    from branchnas.pipeline import open_run, run_stages
-
-    out = tmp_path_factory.mktemp("fused")
-    recipe = load_recipe(None, _tiny(out))
-    rundir = open_run(recipe)
-    run_stages(recipe, ["finetune"], rundir=rundir, progress=False)
-    return recipe, rundir
+    return finished_run(tmp_path_factory, "fused")
 
 
 @pytest.mark.slow
@@ -502,47 +495,9 @@ def test_the_fused_export_runs_without_branchnas(fused_run):
 
 @pytest.mark.slow
 def test_sigkill_mid_fused_finetune_resumes_to_the_same_network(fused_run, tmp_path):
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    _, rundir = fused_run
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dirs = {}
-    for name in ("straight", "killed"):
-        dirs[name] = tmp_path / name
-        shutil.copytree(rundir.path.parent, dirs[name])
-        shutil.rmtree(dirs[name] / "fused" / "finetune", ignore_errors=True)
-
-    def command(out):
-        sets = _tiny(out, "finetune.epochs=4")
-        return [sys.executable, "-m", "branchnas", "finetune", *sum((["--set", s] for s in sets), [])]
-
-    subprocess.run(command(dirs["straight"]), env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(command(dirs["killed"]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = dirs["killed"] / "fused" / ".staging" / "finetune" / "ckpt" / "model.pt"
-    deadline = time.monotonic() + 240
-    try:
-        while not ckpt.exists():
-            assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = torch.load(ckpt, weights_only=True)
-    assert killed_at["epoch"] < 4
-    subprocess.run(command(dirs["killed"]), env=env, check=True, capture_output=True, timeout=300)
-    a = torch.load(dirs["straight"] / "fused" / "finetune" / "model.pt", weights_only=True)
-    b = torch.load(dirs["killed"] / "fused" / "finetune" / "model.pt", weights_only=True)
-    assert a["fused"] == b["fused"] and a["variant"] == b["variant"] == "fused"
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    assert any(".task_modulations." in key for key in a["state_dict"])
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    report = json.loads((dirs["killed"] / "fused" / "finetune" / "report.json").read_text())
-    assert report["training"]["history"][0] == killed_at["history"][0]  # continued, not redone
+    r = kill_and_resume(fused_run[1], "fused", tmp_path, "finetune.epochs=4")
+    assert r.killed_at["epoch"] < 4
+    assert r.straight["fused"] == r.resumed["fused"] and r.straight["variant"] == r.resumed["variant"] == "fused"
+    assert any(".task_modulations." in key for key in r.straight["state_dict"])
+    assert_same_weights(r.straight, r.resumed)
+    assert r.resumed_report["training"]["history"][0] == r.killed_at["history"][0]  # continued, not redone

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from branchnas.models import BranchedNet
 from branchnas.models.gated import GatedLayer, GatedNet, hard_gate, mix_inputs, sparsity_loss
 from branchnas.models.pruning import prunable, prune_outputs
 from branchnas.recipe import BackboneConfig, load_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from variant_runs import assert_same_weights, finished_run, kill_and_resume, tiny  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
 
@@ -384,24 +389,12 @@ def test_report_json_fields_of_the_gated_variant_are_plain_json():
 
 
 def _tiny(out, *extra):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_finetune import tiny_overrides
-
-    return tiny_overrides(out, "gated", "finetune.variant=gated", *extra)
+    return tiny("gated", out, *extra)
 
 
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory):
-    from branchnas.pipeline import open_run, run_stages
-
-    out = tmp_path_factory.mktemp("gated")
-    recipe = load_recipe(None, _tiny(out))
-    rundir = open_run(recipe)
-    run_stages(recipe, ["finetune"], rundir=rundir, progress=False)
-    return recipe, rundir
+    return finished_run(tmp_path_factory, "gated")
 
 
 @pytest.mark.slow
@@ -475,49 +468,11 @@ def test_an_over_budget_network_is_refused_by_export(gated_run, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_gated_finetune_resumes_to_the_same_network(gated_run, tmp_path):
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    _, rundir = gated_run
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    dirs = {}
-    for name in ("straight", "killed"):
-        dirs[name] = tmp_path / name
-        shutil.copytree(rundir.path.parent, dirs[name])
-        shutil.rmtree(dirs[name] / "gated" / "finetune", ignore_errors=True)
-
-    def command(out):
-        sets = _tiny(out, "finetune.epochs=6", "finetune.gated.sparsity=0.5")
-        return [sys.executable, "-m", "branchnas", "finetune", *sum((["--set", s] for s in sets), [])]
-
-    subprocess.run(command(dirs["straight"]), env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(command(dirs["killed"]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = dirs["killed"] / "gated" / ".staging" / "finetune" / "ckpt" / "model.pt"
-    deadline = time.monotonic() + 240
-    try:
-        while not ckpt.exists():
-            assert proc.poll() is None, "the run ended before it could be killed; make it longer"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = torch.load(ckpt, weights_only=True)
-    assert killed_at["epoch"] < 6 and killed_at["owned_optimizers"]  # the gates' SGD state is saved
-    subprocess.run(command(dirs["killed"]), env=env, check=True, capture_output=True, timeout=300)
-    a = torch.load(dirs["straight"] / "gated" / "finetune" / "model.pt", weights_only=True)
-    b = torch.load(dirs["killed"] / "gated" / "finetune" / "model.pt", weights_only=True)
-    assert a["gates"] == b["gates"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    report = json.loads((dirs["killed"] / "gated" / "finetune" / "report.json").read_text())
-    assert report["training"]["history"][0] == killed_at["history"][0]  # continued, not redone
+    r = kill_and_resume(gated_run[1], "gated", tmp_path, "finetune.epochs=6", "finetune.gated.sparsity=0.5")
+    assert r.killed_at["epoch"] < 6 and r.killed_at["owned_optimizers"]  # the gates' SGD state is saved
+    assert r.straight["gates"] == r.resumed["gates"]
+    assert_same_weights(r.straight, r.resumed)
+    assert r.resumed_report["training"]["history"][0] == r.killed_at["history"][0]  # continued, not redone
 
 
 def test_a_task_pays_for_the_channels_it_opens_in_each_conv():
