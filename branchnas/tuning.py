@@ -137,17 +137,24 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
 
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5; it is what resumes trials
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                _driver_url(url), engine_kwargs={"connect_args": _connect_args(url)},
-                heartbeat_interval=HEARTBEAT, grace_period=GRACE,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
-            )
-    except Exception as err:  # noqa: BLE001
-        first = mask_url(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot open the Optuna storage {mask_url(url)!r} ({first})") from None
+    for attempt in range(4):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5; it is what resumes trials
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    _driver_url(url), engine_kwargs={"connect_args": _connect_args(url)},
+                    heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
+                )
+        except Exception as err:  # noqa: BLE001
+            # Two processes opening a new database at once race to create Optuna's tables (workers
+            # starting together): the loser finds them half made; a moment later they are there.
+            if attempt < 3:
+                time.sleep(1.0 + attempt)
+                continue
+            first = mask_url(str(err).strip().splitlines()[0]) if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot open the Optuna storage {mask_url(url)!r} ({first})") from None
+    raise AssertionError("unreachable")
 
 
 def warmup_epochs(epochs: int) -> int:

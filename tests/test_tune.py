@@ -298,6 +298,13 @@ def _study(out):
     return optuna.load_study(study_name=name, storage=storage)
 
 
+def _finished_and_training(trials: Path) -> bool:
+    """One trial folder holds a finished trial (its report, checkpoints gone) and another a training one."""
+    done = {p.parent for p in trials.glob("*/report.json")}
+    training = {p.parent.parent for p in trials.glob("*/ckpt/model.pt")}
+    return bool(done - training) and bool(training - done)
+
+
 @pytest.mark.slow
 def test_tune_resumes_after_sigkill_adds_trials_and_export_writes_its_best(finetuned, tmp_path):
     out = _copy(finetuned, tmp_path)
@@ -305,22 +312,14 @@ def test_tune_resumes_after_sigkill_adds_trials_and_export_writes_its_best(finet
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "branchnas", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    db = out / "tiny" / "tune-study" / "study.db"
+    trials = out / "tiny" / "tune-study" / "trials"
     deadline = time.monotonic() + 300
-    try:  # kill it once one trial is finished and the next one is training
-        while True:
+    try:  # kill it once one trial is finished (its report kept) and the next one is training (a checkpoint)
+        # The folders tell, not the study: opening the SQLite file while the tune creates it would race it.
+        while not _finished_and_training(trials):
             assert proc.poll() is None, "the tune ended before it could be killed; make the trials longer"
             assert time.monotonic() < deadline, "no trial finished"
-            names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{db}")] if db.exists() else []
-            if names:  # the file appears a moment before the study is in it
-                trials = _study(out).trials
-                states = [t.state for t in trials]
-                running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-                if states.count(optuna.trial.TrialState.COMPLETE) >= 1 and running and (
-                        out / "tiny" / "tune-study" / "trials").exists() and any(
-                        (out / "tiny" / "tune-study" / "trials").glob("*/ckpt/model.pt")):
-                    break
-            time.sleep(0.05)
+            time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
