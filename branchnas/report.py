@@ -209,14 +209,10 @@ def _weighting_name(weighting: Any) -> str:
     return str(weighting or "uniform")
 
 
-def _over_budget_fix(variant: str) -> str:
-    from branchnas.variants import over_budget_fix
-
-    return over_budget_fix(variant)
-
-
 def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
     """The budget check and, for the gated variant, how much each task specialised."""
+    from branchnas.variants import over_budget_fix
+
     out = []
     budget = finetune.get("budget") or {}
     if budget.get("limit") is not None and budget.get("within") is not None:
@@ -224,7 +220,7 @@ def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
         out += [f"The finished network {verdict} the budget: {format_count(budget['size'])} of "
                 f"{format_count(budget['limit'])} {budget['metric']} (fvcore, measured on the network itself)."
                 + ("" if budget["within"] else " `branchnas export` refuses it: "
-                   f"{_over_budget_fix(finetune.get('variant', 'plain'))} and fine-tune again, or set "
+                   f"{over_budget_fix(finetune.get('variant', 'plain'))} and fine-tune again, or set "
                    "export.over_budget = true."), ""]
     gates = finetune.get("gates")
     if gates:

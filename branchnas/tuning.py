@@ -433,29 +433,24 @@ def run_trials(runner: TrialRunner, target: int, *, timeout: float | None = None
     """Take trials until the study holds ``target`` finished ones (counting every worker's), or ``timeout``.
 
     Returns:
-        How many trials this process finished.
+        How many trials this process finished (its worker id on complete or pruned trials).
     """
+    from optuna.trial import TrialState
 
     study = runner.study
     fail_dead_local_trials(study)
-    done_here = 0
     started = time.time()
-
-    def enough(study: optuna.Study, trial: Any) -> None:
-        wanted = int(study.user_attrs.get(TARGET_ATTR, target))
-        if finished_count(study) >= wanted:
-            study.stop()
-
+    # The target is read again before each trial: the stage's process sets it for every worker.
     while finished_count(study) < int(study.user_attrs.get(TARGET_ATTR, target)):
         left = None if not timeout else timeout - (time.time() - started)
         if left is not None and left <= 0:
             break
-        before = finished_count(study)
         enqueue_grid(study, runner.recipe)
-        study.optimize(runner.objective, n_trials=1, timeout=left, callbacks=[enough], catch=(),
+        study.optimize(runner.objective, n_trials=1, timeout=left, catch=(),
                        gc_after_trial=True, show_progress_bar=False)
-        done_here += finished_count(study) - before
-    return done_here
+    me = worker_id()
+    return sum(t.user_attrs.get("worker") == me
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
 def wait_for_running(study: optuna.Study, *, poll: float = 5.0, limit: float | None = None) -> None:
@@ -508,6 +503,11 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
+def _size_key(metric: str) -> str:
+    """The row key of a trial's pruned size in ``metric`` (see :func:`trial_rows`)."""
+    return "flops" if metric == "flops" else "params_count"
+
+
 def trials_table(rows: Sequence[Mapping[str, Any]], metric: str, limit: int | None, *,
                  best: int | None = None, top: int | None = None) -> str:
     """The trials as an aligned table, best val Δ_MTL first (``top``: only so many)."""
@@ -515,7 +515,7 @@ def trials_table(rows: Sequence[Mapping[str, Any]], metric: str, limit: int | No
 
     from branchnas.budget import format_count
 
-    size_key = "flops" if metric == "flops" else "params_count"
+    size_key = _size_key(metric)
     shown = [r for r in rows if r["state"] != "waiting"]  # enqueued, not started: nothing to show yet
     order = sorted(shown, key=lambda r: (r["val_delta_mtl"] is None, -(r["val_delta_mtl"] or 0.0)))
     if top:
@@ -538,7 +538,7 @@ def trials_table(rows: Sequence[Mapping[str, Any]], metric: str, limit: int | No
 
 def pareto_front(rows: Sequence[Mapping[str, Any]], metric: str) -> list[dict[str, Any]]:
     """The finished trials within the budget that no other beats on both val Δ_MTL and size, smallest first."""
-    size_key = "flops" if metric == "flops" else "params_count"
+    size_key = _size_key(metric)
     done = [r for r in rows if r["val_delta_mtl"] is not None and r[size_key] is not None and r["feasible"] is not False]
     front = [r for r in done if not any(
         o[size_key] <= r[size_key] and o["val_delta_mtl"] >= r["val_delta_mtl"]
@@ -556,7 +556,7 @@ def plot_study(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str,
 
     from branchnas.rundir import atomic_savefig
 
-    size_key = "flops" if metric == "flops" else "params_count"
+    size_key = _size_key(metric)
     done = [r for r in rows if r["val_delta_mtl"] is not None and r[size_key] is not None]
     fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4.2))
     for feasible, colour, label in ((True, "tab:blue", "within the budget"), (False, "tab:red", "over the budget"),

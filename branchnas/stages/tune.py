@@ -182,8 +182,7 @@ def _best_model(runner: Any, best: Any, folder: Path) -> dict[str, Any]:
         runner.train(best.params, saved.parent, f"trial {best.number} again")
         source = "trained again"
     report = json.loads((saved.parent / "report.json").read_text())
-    shutil.copyfile(saved, folder / ".model.pt.tmp")
-    (folder / ".model.pt.tmp").replace(folder / "model.pt")
+    shutil.copyfile(saved, folder / "model.pt")  # the staging folder: swapped in whole, or not at all
     report["tuned"] = {"trial": best.number, "params": dict(best.params), "model_from": source,
                        "val_delta_mtl_in_study": best.values[0]}
     return report
