@@ -209,7 +209,7 @@ class AttentiveConfig:
 class FinetuneConfig(TrainConfig):
     """The ``[finetune]`` section: the branched network's multi-task fine-tuning (stage 4)."""
 
-    epochs: int = field(default=4, metadata=_spec("training epochs", min=1))
+    epochs: int = field(default=5, metadata=_spec("training epochs", min=1))
     lr: float = field(default=0.02, metadata=_spec("peak learning rate", min=0.0))
     variant: str = field(default="plain", metadata=_choices("plain", "gated", "fused", "attentive"))
     weighting: str | dict[str, Any] = field(default="uncertainty", metadata=_spec(
