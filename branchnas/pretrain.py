@@ -45,6 +45,8 @@ __all__ = [
     "parallel_mode",
     "metrics_table",
     "chance_metrics",
+    "unlearned_tasks",
+    "unlearned_warnings",
 ]
 
 STAGE = "pretrain"
@@ -190,6 +192,7 @@ def _train(recipe: Any, folder: Path, todo: Sequence[str], progress: bool, log: 
             results.update(trainer.fit(train, splits["val"]))
     seconds = time.time() - started
     chance = chance_metrics(tasks, train, splits["test"], batch)
+    chance_val = chance_metrics(tasks, train, splits["val"], batch)
     tests = evaluate_models([(models[t.name], [t]) for t in tasks], splits["test"], batch,
                             precision=recipe.pretrain.precision)
     trained = {}
@@ -206,6 +209,8 @@ def _train(recipe: Any, folder: Path, todo: Sequence[str], progress: bool, log: 
             "val": kept[t.name],
             "test": test[t.name],
             "chance": chance[t.name],
+            "chance_val": chance_val[t.name],
+            "num_val": len(splits["val"]),
             "in_channels": train.in_channels,
             "image_size": list(train.image_size),
             "backbone_config": dataclasses.asdict(recipe.backbone),
@@ -248,6 +253,8 @@ def write_metrics(folder: Path, names: Sequence[str]) -> dict[str, Any]:
             "val": saved["val"],
             "test": saved["test"],
             "chance": saved["chance"],
+            "chance_val": saved.get("chance_val"),
+            "num_val": saved.get("num_val"),
             "best_epoch": saved["best_epoch"],
             "weights_epoch": saved["weights_epoch"],
             "epochs": saved["epochs"],
@@ -282,8 +289,16 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
             _fmt(entry["val"].get(metric)), _fmt(entry["test"].get(metric)),
             _fmt(entry.get("chance", {}).get(metric)), f"{entry.get('weights_epoch', '-')}/{entry.get('epochs', '-')}",
         ])
-    return tabulate(rows, headers=["task", "kind", "metric", "val", "test", "chance", "epoch"],
-                    tablefmt="simple", disable_numparse=True, colalign=("left", "left", "left", "right", "right", "right", "right"))
+    table = tabulate(rows, headers=["task", "kind", "metric", "val", "test", "chance", "epoch"],
+                     tablefmt="simple", disable_numparse=True, colalign=("left", "left", "left", "right", "right", "right", "right"))
+    return "\n".join([table, *unlearned_warnings(metrics)])
+
+
+def unlearned_warnings(metrics: Mapping[str, Any], tasks: Sequence[str] | None = None) -> list[str]:
+    """One warning line per task of ``tasks`` (default: all) whose model learned nothing."""
+    return [f"warning: {task}'s single-task model learned nothing ({why}): its affinities are noise and no "
+            "shared block starts from its weights; train longer (pretrain.epochs) or check its labels"
+            for task, why in unlearned_tasks(metrics).items() if tasks is None or task in tasks]
 
 
 def _fmt(value: Any) -> str:
@@ -291,6 +306,40 @@ def _fmt(value: Any) -> str:
         return "-"
     value = float(value)
     return "nan" if math.isnan(value) else f"{value:.4f}"
+
+
+def unlearned_tasks(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """The tasks whose single-task model learned nothing, each with the evidence in words.
+
+    A model learned nothing when its validation metric does not beat the best constant
+    prediction on the validation split: for accuracy, by more than two binomial standard
+    errors ``2·sqrt(c(1 - c)/n)`` (c the constant's accuracy, n the validation images); for
+    other metrics, at all. Such a model's features are noise: its affinities mean nothing,
+    and no shared block should start from its weights. ``metrics`` is ``metrics.json``'s
+    form; files written before the validation chance level was recorded are compared with
+    the test split's, without the margin.
+
+    Example:
+        >>> m = {"tasks": {"parity": {"metric": "accuracy", "higher_is_better": True,
+        ...     "val": {"accuracy": 0.53}, "chance_val": {"accuracy": 0.5}, "num_val": 500}}}
+        >>> unlearned_tasks(m)
+        {'parity': 'val accuracy 0.530 against 0.500 for a constant prediction (2 s.e. = 0.045)'}
+    """
+    out = {}
+    for name, entry in metrics["tasks"].items():
+        metric, higher = entry["metric"], entry["higher_is_better"]
+        chance = (entry.get("chance_val") or entry.get("chance") or {}).get(metric)
+        value = entry.get("val", {}).get(metric)
+        if chance is None or value is None or not (math.isfinite(chance) and math.isfinite(value)):
+            continue
+        margin, n = 0.0, entry.get("num_val") if entry.get("chance_val") else None
+        if metric == "accuracy" and n:
+            margin = 2 * math.sqrt(max(chance * (1 - chance), 0.0) / n)
+        gain = value - chance if higher else chance - value
+        if gain <= margin:
+            noise = f" (2 s.e. = {margin:.3f})" if margin else ""
+            out[name] = f"val {metric} {value:.3f} against {chance:.3f} for a constant prediction{noise}"
+    return out
 
 
 def chance_metrics(tasks: Sequence[Any], train: Any, dataset: Any, batch_size: int) -> dict[str, dict[str, float]]:

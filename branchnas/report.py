@@ -182,15 +182,19 @@ def _f(value: Any) -> str:
 
 def _trust(rundir: RunDir) -> list[str]:
     """The "how much to trust the pick" section (see :mod:`branchnas.trust`)."""
+    from branchnas.pretrain import unlearned_tasks
     from branchnas.stages.affinity import read_affinity
     from branchnas.stages.compare import read_comparison
+    from branchnas.stages.pretrain import read_metrics
     from branchnas.stages.search import read_result, read_runners_up
     from branchnas.trust import trust_section
 
     result, _ = read_result(rundir)
     affinity = read_affinity(rundir) if _done(rundir, "affinity") else None
     comparison = read_comparison(rundir) if _done(rundir, "compare") else None
-    return trust_section(result, read_runners_up(rundir), affinity, comparison)
+    unlearned = unlearned_tasks(read_metrics(rundir)) if _done(rundir, "pretrain") else {}
+    return trust_section(result, read_runners_up(rundir), affinity, comparison,
+                         {t: why for t, why in unlearned.items() if t in result.tree.tasks})
 
 
 def _finetune_report(rundir: RunDir) -> dict[str, Any] | None:
@@ -373,6 +377,12 @@ def summary(rundir: RunDir) -> str:
 
         result, extremes = read_result(rundir)
         lines += ["Chosen tree:", result.tree.render(), "", format_summary(result, extremes), ""]
+        if _done(rundir, "pretrain"):
+            from branchnas.pretrain import unlearned_warnings
+            from branchnas.stages.pretrain import read_metrics
+
+            warnings = unlearned_warnings(read_metrics(rundir), result.tree.tasks)
+            lines += [*warnings, ""] if warnings else []
     finetune = _finetune_report(rundir)
     if finetune:
         from branchnas.finetune import report_table

@@ -17,7 +17,7 @@ Three pieces, each from artifacts the run already has:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -102,8 +102,13 @@ def _interval(row: dict[str, Any]) -> str:
 
 
 def trust_section(result: Any, runners_up: Sequence[Any], affinity: dict[str, Any] | None,
-                  comparison: dict[str, Any] | None) -> list[str]:
-    """The report's "How much to trust the pick" section, as Markdown lines."""
+                  comparison: dict[str, Any] | None, unlearned: Mapping[str, str] | None = None) -> list[str]:
+    """The report's "How much to trust the pick" section, as Markdown lines.
+
+    ``unlearned``: ``{task: evidence}`` for the tasks whose single-task model learned nothing
+    (:func:`branchnas.pretrain.unlearned_tasks`); their affinities are noise, and the section
+    says so first.
+    """
     from tabulate import tabulate
 
     from branchnas.budget import format_count
@@ -111,6 +116,11 @@ def trust_section(result: Any, runners_up: Sequence[Any], affinity: dict[str, An
 
     out = ["## How much to trust the pick", ""]
     tree = result.tree
+    if unlearned:
+        out += ["**Single-task models that learned nothing** (their affinities are noise, so where the "
+                "tree puts these tasks is not evidence of anything; no shared block starts from their "
+                "weights; more pretraining, `pretrain.epochs`, or a look at their labels may help):", ""]
+        out += [f"- `{task}`: {why}" for task, why in unlearned.items()] + [""]
     matrix = low = high = None
     if affinity is not None:
         order = [list(affinity["tasks"]).index(t) for t in tree.tasks]

@@ -69,12 +69,18 @@ def test_stage_writes_models_and_metrics(tmp_path):
     saved = torch.load(folder / "shape.pt", weights_only=True)
     assert {"task", "backbone", "head", "val", "test"} <= set(saved) and saved["task"] == "shape"
     assert saved["test"] == metrics["shape"]["test"]
-    # The rebuilt model reproduces the saved test accuracy.
+    # The validation split's chance level, for unlearned_tasks, recomputed on that split.
     from branchnas.data import load_splits
+
+    splits, tasks = load_splits(recipe)
+    val_chance = pretrain.chance_metrics(tasks, splits["train"], splits["val"], 16)
+    assert metrics["shape"]["num_val"] == len(splits["val"]) == recipe.data.num_val
+    for name in ("shape", "depth", "floor"):
+        assert metrics[name]["chance_val"] == pytest.approx(val_chance[name])
+    # The rebuilt model reproduces the saved test accuracy.
     from branchnas.training import SingleTaskModel, evaluate
 
     backbone, head = load_single_task(recipe, rundir, "shape")
-    splits, tasks = load_splits(recipe)
     model = SingleTaskModel(backbone, head, "shape")
     assert evaluate(model, [tasks[0]], splits["test"], 16)["shape"] == pytest.approx(saved["test"])
     table = pretrain.metrics_table(written)
@@ -139,6 +145,34 @@ def test_chance_metrics_are_those_of_the_best_constant():
     assert chance["c"]["accuracy"] == pytest.approx(0.5)
     assert chance["r"]["mae"] == pytest.approx(np.abs(np.arange(6) - 2.5).mean())
 
+
+
+def test_unlearned_tasks_are_those_not_beating_the_constant_prediction_on_val():
+    def entry(metric, higher, val, chance, n=None, chance_val=True):
+        out = {"metric": metric, "higher_is_better": higher, "val": {metric: val}, "num_val": n}
+        out["chance_val" if chance_val else "chance"] = {metric: chance}
+        return out
+
+    metrics = {"tasks": {
+        # 2 s.e. of accuracy 0.5 on 500 images: 2 * sqrt(0.25 / 500) = 0.0447
+        "parity": entry("accuracy", True, 0.544, 0.5, 500),       # 0.044 <= 0.0447: nothing learned
+        "greater": entry("accuracy", True, 0.546, 0.5, 500),      # 0.046 > 0.0447: learned
+        "rare": entry("accuracy", True, 0.95, 0.9, 100),          # 2 * sqrt(0.09 / 100) = 0.06 > 0.05
+        "seg": entry("miou", True, 0.2, 0.2, 500),                # no margin off accuracy: equal is nothing
+        "depth": entry("abs_err", False, 1.19, 1.2, 500),         # lower is better: learned
+        "normals": entry("mean_angle", False, 34.0, 33.8, 500),   # worse than the constant
+        "old": entry("accuracy", True, 0.51, 0.5, chance_val=False),  # test chance, no margin: learned
+    }}
+    out = pretrain.unlearned_tasks(metrics)
+    assert sorted(out) == ["normals", "parity", "rare", "seg"]
+    assert out["parity"] == "val accuracy 0.544 against 0.500 for a constant prediction (2 s.e. = 0.045)"
+    assert out["rare"].endswith("(2 s.e. = 0.060)")
+    assert out["seg"] == "val miou 0.200 against 0.200 for a constant prediction"
+    # The terminal says it under the pretrain table (and under the chosen tree, for its tasks).
+    warnings = pretrain.unlearned_warnings(metrics, ["parity", "depth"])
+    assert warnings == ["warning: parity's single-task model learned nothing (" + out["parity"] + "): its "
+                        "affinities are noise and no shared block starts from its weights; train longer "
+                        "(pretrain.epochs) or check its labels"]
 
 def test_cli_help_and_bad_task(in_tmp):
     runner = CliRunner()

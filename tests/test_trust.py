@@ -70,3 +70,15 @@ def test_trust_section_marks_runners_up_within_the_bootstrap_band():
     without = "\n".join(trust_section(result, others, {"affinity": a, "tasks": TASKS}, None))
     assert "--bootstrap" in without and "| ?" in without
     assert isinstance(others[0], ScoredTree)
+
+
+def test_trust_section_names_the_tasks_whose_single_task_model_learned_nothing_first():
+    a = affinity()
+    result = search(a, [10, 10], None, tasks=TASKS, points=POINTS, top=2)
+    why = "val accuracy 0.510 against 0.500 for a constant prediction (2 s.e. = 0.045)"
+    lines = trust_section(result, list(result.ranked[1:]), {"affinity": a, "tasks": TASKS}, None, {TASKS[1]: why})
+    assert lines[:2] == ["## How much to trust the pick", ""]
+    assert lines[2].startswith("**Single-task models that learned nothing**")
+    assert lines[4] == f"- `{TASKS[1]}`: {why}"
+    assert not any("learned nothing" in line
+                   for line in trust_section(result, list(result.ranked[1:]), {"affinity": a, "tasks": TASKS}, None))
