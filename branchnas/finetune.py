@@ -120,14 +120,9 @@ def build_branched(
         init: The init rule (default ``finetune.init``); see
             :meth:`branchnas.models.BranchedNet.from_single_task`.
         variant: The :class:`branchnas.variants.Variant` that builds it (default: plain).
-
-    Under ``central`` and ``outlier`` no node starts from the weights of a task whose
-    single-task model learned nothing (:func:`branchnas.pretrain.unlearned_tasks`) while its
-    group has another task.
     """
     from branchnas.models import tree_chain
-    from branchnas.pretrain import unlearned_tasks
-    from branchnas.stages.pretrain import load_single_task, read_metrics
+    from branchnas.stages.pretrain import load_single_task
     from branchnas.variants import get_variant
 
     names = tree_chain(tree)[0]
@@ -135,13 +130,9 @@ def build_branched(
     for name in names:
         backbones[name], heads[name] = load_single_task(recipe, rundir, name)
     init = init or recipe.finetune.init
-    affinity, avoid = None, ()
-    if init in ("central", "outlier"):
-        affinity = _affinity(rundir, names)
-        avoid = tuple(t for t in unlearned_tasks(read_metrics(rundir)) if t in names)
+    affinity = _affinity(rundir, names) if init in ("central", "outlier") else None
     variant = variant or get_variant("plain", recipe)
-    return variant.build(tree, backbones, heads, init=init, tasks=names, affinity=affinity, seed=recipe.seed,
-                         avoid=avoid)
+    return variant.build(tree, backbones, heads, init=init, tasks=names, affinity=affinity, seed=recipe.seed)
 
 
 def _affinity(rundir: RunDir, names: Sequence[str]) -> Any:

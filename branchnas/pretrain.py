@@ -296,8 +296,8 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
 
 def unlearned_warnings(metrics: Mapping[str, Any], tasks: Sequence[str] | None = None) -> list[str]:
     """One warning line per task of ``tasks`` (default: all) whose model learned nothing."""
-    return [f"warning: {task}'s single-task model learned nothing ({why}): its affinities are noise and no "
-            "shared block starts from its weights; train longer (pretrain.epochs) or check its labels"
+    return [f"warning: {task}'s single-task model learned nothing ({why}): its affinities may be noise, so "
+            "where the tree puts it is not evidence; train longer (pretrain.epochs) or check its labels"
             for task, why in unlearned_tasks(metrics).items() if tasks is None or task in tasks]
 
 
@@ -314,10 +314,10 @@ def unlearned_tasks(metrics: Mapping[str, Any]) -> dict[str, str]:
     A model learned nothing when its validation metric does not beat the best constant
     prediction on the validation split: for accuracy, by more than two binomial standard
     errors ``2·sqrt(c(1 - c)/n)`` (c the constant's accuracy, n the validation images); for
-    other metrics, at all. Such a model's features are noise: its affinities mean nothing,
-    and no shared block should start from its weights. ``metrics`` is ``metrics.json``'s
-    form; files written before the validation chance level was recorded are compared with
-    the test split's, without the margin.
+    other metrics, at all. What its features hold is then unknown, and so is what its
+    affinities mean: where the tree puts the task is not evidence. ``metrics`` is
+    ``metrics.json``'s form; files written before the validation chance level was recorded
+    are compared with the test split's, without the margin.
 
     Example:
         >>> m = {"tasks": {"parity": {"metric": "accuracy", "higher_is_better": True,

@@ -106,8 +106,8 @@ def trust_section(result: Any, runners_up: Sequence[Any], affinity: dict[str, An
     """The report's "How much to trust the pick" section, as Markdown lines.
 
     ``unlearned``: ``{task: evidence}`` for the tasks whose single-task model learned nothing
-    (:func:`branchnas.pretrain.unlearned_tasks`); their affinities are noise, and the section
-    says so first.
+    (:func:`branchnas.pretrain.unlearned_tasks`); their affinities may be noise, and the
+    section says so first.
     """
     from tabulate import tabulate
 
@@ -117,9 +117,9 @@ def trust_section(result: Any, runners_up: Sequence[Any], affinity: dict[str, An
     out = ["## How much to trust the pick", ""]
     tree = result.tree
     if unlearned:
-        out += ["**Single-task models that learned nothing** (their affinities are noise, so where the "
-                "tree puts these tasks is not evidence of anything; no shared block starts from their "
-                "weights; more pretraining, `pretrain.epochs`, or a look at their labels may help):", ""]
+        out += ["**Single-task models that learned nothing** (their affinities may be noise, so where the "
+                "tree puts these tasks is not evidence; more pretraining, `pretrain.epochs`, or a look at "
+                "their labels may help):", ""]
         out += [f"- `{task}`: {why}" for task, why in unlearned.items()] + [""]
     matrix = low = high = None
     if affinity is not None:

@@ -35,7 +35,7 @@ of the last node on the task's path that it shares with another task, or the ste
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -290,13 +290,12 @@ class AttentiveNet(BranchedNet):
     def from_single_task(cls, tree: Any, backbones_by_task: Mapping[str, nn.Module],
                          heads_by_task: Mapping[str, nn.Module], init: str = "first", *,
                          tasks: Sequence[str] | None = None, affinity: Any = None, seed: int = 0,
-                         avoid: Collection[str] = (),
                          reduction: int = 16, adapters: bool = False) -> AttentiveNet:
         """The attentive network of ``tree``: the plain network's weights (``init``, see
         :meth:`BranchedNet.from_single_task`), modulated. The SE layers' first convs are drawn
         from ``seed`` (their second convs and the adapters start at zero)."""
         plain = BranchedNet.from_single_task(tree, backbones_by_task, heads_by_task, init, tasks=tasks,
-                                             affinity=affinity, seed=seed, avoid=avoid)
+                                             affinity=affinity, seed=seed)
         names = plain.task_names
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

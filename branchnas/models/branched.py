@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -117,8 +117,7 @@ def node_name(depth: int, group: Sequence[str], tasks: Sequence[str]) -> str:
 
 
 def source_task(
-    group: Sequence[str], depth: int, rule: str, affinity: Any = None, tasks: Sequence[str] | None = None,
-    avoid: Collection[str] = (),
+    group: Sequence[str], depth: int, rule: str, affinity: Any = None, tasks: Sequence[str] | None = None
 ) -> str:
     """The task whose single-task weights a node takes, under rule ``first``, ``central`` or ``outlier``.
 
@@ -132,18 +131,12 @@ def source_task(
       hardest to rebuild from another task's weights. The others adapt from its features
       (see docs/why-a-task-collapses.md); ties go to the earlier task.
 
-    Under ``central`` and ``outlier``, tasks in ``avoid`` (those whose single-task model
-    learned nothing: :func:`branchnas.pretrain.unlearned_tasks`) are never chosen while the
-    group has another task: their weights hold no features worth starting from, and their
-    affinities are noise.
-
     Args:
         group: The node's tasks, in task order.
         depth: The block index (the affinity is read at this branch point).
         rule: ``first`` or ``central``.
         affinity: ``D x N x N`` affinity in ``tasks`` order; needed for ``central``.
         tasks: The task order of ``affinity``.
-        avoid: Tasks not to take weights from unless the group has no other.
     """
     if rule == "first" or len(group) == 1:
         return group[0]
@@ -155,8 +148,7 @@ def source_task(
     at = len(affinity) - 1 if rule == "outlier" else depth
     scores = [sum(float(affinity[at][i][j]) for j in idx if j != i) for i in idx]
     sign = 1.0 if rule == "central" else -1.0
-    allowed = [k for k, t in enumerate(group) if t not in avoid] or list(range(len(group)))
-    best = max(allowed, key=lambda k: (sign * scores[k], -k))
+    best = max(range(len(group)), key=lambda k: (sign * scores[k], -k))
     return group[best]
 
 
@@ -329,7 +321,6 @@ class BranchedNet(nn.Module):
         tasks: Sequence[str] | None = None,
         affinity: Any = None,
         seed: int = 0,
-        avoid: Collection[str] = (),
     ) -> BranchedNet:
         """Build the network of ``tree`` from trained single-task models.
 
@@ -357,8 +348,6 @@ class BranchedNet(nn.Module):
             tasks: Task order (default: the tree's).
             affinity: ``D x N x N`` affinity in task order, for ``central`` and ``outlier``.
             seed: Seed of ``scratch``.
-            avoid: Tasks whose weights ``central`` and ``outlier`` do not start a node from
-                while its group has another task (see :func:`source_task`).
 
         Raises:
             UserError: An unknown ``init``, or a task without a single-task model.
@@ -381,7 +370,7 @@ class BranchedNet(nn.Module):
             if init == "average":
                 net.stem.load_state_dict(_mean_state([backbones_by_task[t].stem for t in names]))
             else:
-                src = source_task(names, 0, init, affinity, names, avoid)
+                src = source_task(names, 0, init, affinity, names)
                 net.stem.load_state_dict(backbones_by_task[src].stem.state_dict())
             for name, _ in net.plan:
                 group = net.node_groups[name]
@@ -389,7 +378,7 @@ class BranchedNet(nn.Module):
                 if init == "average":
                     state = _mean_state([backbones_by_task[t].blocks[d] for t in group])
                 else:
-                    net.sources[name] = source_task(group, d, init, affinity, names, avoid)
+                    net.sources[name] = source_task(group, d, init, affinity, names)
                     state = backbones_by_task[net.sources[name]].blocks[d].state_dict()
                 net.nodes[name].load_state_dict(state)
         return net

@@ -48,7 +48,7 @@ so the network scripts (TorchScript) and exports like :class:`BranchedNet`, buil
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -275,13 +275,12 @@ class FusedNet(BranchedNet):
     def from_single_task(cls, tree: Any, backbones_by_task: Mapping[str, nn.Module],
                          heads_by_task: Mapping[str, nn.Module], init: str = "first", *,
                          tasks: Sequence[str] | None = None, affinity: Any = None, seed: int = 0,
-                         avoid: Collection[str] = (),
                          where: str = "all", modulation: str = "both", bottleneck: str = "conv") -> FusedNet:
         """The fused network of ``tree``: the plain network's initialisation (``init``, see
         :meth:`BranchedNet.from_single_task`), each shared node's BatchNorms turned into fusion
         layers. The attention bottleneck's query and key start random, drawn from ``seed``."""
         plain = BranchedNet.from_single_task(tree, backbones_by_task, heads_by_task, init, tasks=tasks,
-                                             affinity=affinity, seed=seed, avoid=avoid)
+                                             affinity=affinity, seed=seed)
         names = plain.task_names
         with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random stream untouched
             torch.manual_seed(seed)

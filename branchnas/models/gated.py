@@ -33,7 +33,7 @@ per-task outputs, so the forward pass, gated or pruned, is one loop that TorchSc
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -342,7 +342,6 @@ class GatedNet(BranchedNet):
     def from_single_task(cls, tree: Any, backbones_by_task: Mapping[str, nn.Module],
                          heads_by_task: Mapping[str, nn.Module], init: str = "first", *,
                          tasks: Sequence[str] | None = None, affinity: Any = None, seed: int = 0,
-                         avoid: Collection[str] = (),
                          alpha_init: float = 1.0) -> GatedNet:
         """The gated network of ``tree`` from trained single-task models.
 
@@ -351,7 +350,7 @@ class GatedNet(BranchedNet):
         each task copy takes its own task's single-task block.
         """
         plain = BranchedNet.from_single_task(tree, backbones_by_task, heads_by_task, init, tasks=tasks,
-                                             affinity=affinity, seed=seed, avoid=avoid)
+                                             affinity=affinity, seed=seed)
         names = plain.task_names
         net = cls(tree, backbones_by_task[names[0]], heads_by_task, tasks=names, alpha_init=alpha_init)
         with torch.no_grad():

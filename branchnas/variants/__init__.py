@@ -35,7 +35,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -70,8 +70,7 @@ class Variant:
         """Refuse a bad configuration before any work (``task_names``: when known)."""
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
-              avoid: Collection[str] = ()) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
         """The network to train, from the single-task backbones and heads."""
         raise NotImplementedError
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -128,12 +128,11 @@ class AttentiveVariant(Variant):
         self.loss_steps = 0
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
-              avoid: Collection[str] = ()) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
         from branchnas.models.attentive import AttentiveNet
 
         net = AttentiveNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed,
-                                            avoid=avoid, reduction=self.cfg.reduction, adapters=self.cfg.adapters)
+                                            reduction=self.cfg.reduction, adapters=self.cfg.adapters)
         self.levels = branch_levels(net) if self.cfg.adversarial else {}
         if self.cfg.adversarial and not self.levels:
             logger.warning("finetune.attentive.adversarial: no two tasks of this tree branch at the same depth, "

@@ -30,7 +30,7 @@ fusion layer on its path.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -70,12 +70,11 @@ class FusedVariant(Variant):
             )
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
-              avoid: Collection[str] = ()) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
         from branchnas.models.fused import FusedNet
 
         return FusedNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed,
-                                         avoid=avoid, **self.settings())
+                                         **self.settings())
 
     def backward(self, model: nn.Module, losses: Mapping[str, Tensor], weighting: Any,
                  shared: Sequence[Tensor], progress: float) -> dict[str, float]:

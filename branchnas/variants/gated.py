@@ -15,7 +15,7 @@ gate's decision, so :meth:`GatedVariant.rebuild` recreates it without the data.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,14 +54,13 @@ class GatedVariant(Variant):
                 )
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
-              avoid: Collection[str] = ()) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
         from branchnas.models.gated import GatedNet
 
         self.check(tasks)
         self._targets = self.targets(tasks)
         return GatedNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity,
-                                         seed=seed, avoid=avoid, alpha_init=self.cfg.init)
+                                         seed=seed, alpha_init=self.cfg.init)
 
     def regulariser(self, model: nn.Module) -> Tensor | None:
         from branchnas.models.gated import sparsity_loss

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -16,12 +16,11 @@ class PlainVariant(Variant):
     summary = "the tree's branched network"
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
-              avoid: Collection[str] = ()) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
         from branchnas.models import BranchedNet
 
         return BranchedNet.from_single_task(tree, backbones, heads, init=init, tasks=tasks,
-                                            affinity=affinity, seed=seed, avoid=avoid)
+                                            affinity=affinity, seed=seed)
 
     @classmethod
     def rebuild(cls, checkpoint: Mapping[str, Any], tree: Any, backbone: nn.Module,

@@ -11,7 +11,7 @@ from torch import nn
 
 from branchnas.backbones import build_backbone
 from branchnas.errors import UserError
-from branchnas.models import BranchedNet, source_task, tree_chain
+from branchnas.models import BranchedNet, tree_chain
 from branchnas.recipe import BackboneConfig
 
 # torch marks TorchScript as deprecated; it is still the format plain PyTorch loads.
@@ -371,26 +371,3 @@ def test_sources_and_shared_tasks():
     bb = make_backbone()
     alone_c = BranchedNet(fit_tree([[("a", "b"), ("c",)]] * 3, bb.num_blocks), bb, make_heads(bb.out_channels), tasks=TASKS)
     assert alone_c.shared_tasks() == ["a", "b"]
-
-
-def test_outlier_init_never_starts_from_a_task_that_learned_nothing_while_the_group_has_another():
-    backbones, heads = single_task_models()
-    affinity = np.full((3, 3, 3), 0.5)
-    affinity[:, [0, 1, 2], [0, 1, 2]] = 1.0
-    # Deepest point: row sums a 1.4, b 0.6, c 1.0, so b is the outlier of {a, b, c} and the stem's
-    # source; with b avoided the next least central is c (1.0 < 1.4). In {a, c} both score 0.9:
-    # a by order, and with a avoided, c.
-    affinity[2] = [[1, 0.5, 0.9], [0.5, 1, 0.1], [0.9, 0.1, 1]]
-    net = BranchedNet.from_single_task(TREES["mixed"], backbones, heads, init="outlier",
-                                       affinity=affinity, tasks=TASKS, avoid=("b",))
-    assert torch.equal(net.stem[0].weight, backbones["c"].stem[0].weight)
-    assert net.sources == {"b0_0_1_2": "c", "b1_0_2": "a", "b1_1": "b", "b2_0": "a", "b2_1": "b", "b2_2": "c"}
-    for name, task in net.sources.items():
-        d = int(name[1])
-        assert torch.equal(net.nodes[name].state_dict()["0.conv1.weight"],
-                           backbones[task].blocks[d].state_dict()["0.conv1.weight"])
-    # A group made only of avoided tasks still starts from its own outlier; central avoids too.
-    assert source_task(["a", "c"], 2, "outlier", affinity, TASKS, avoid=("a",)) == "c"
-    assert source_task(["a", "c"], 2, "outlier", affinity, TASKS, avoid=("a", "c")) == "a"
-    assert source_task(["a", "b", "c"], 2, "central", affinity, TASKS) == "a"
-    assert source_task(["a", "b", "c"], 2, "central", affinity, TASKS, avoid=("a",)) == "c"
