@@ -296,8 +296,8 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
 
 def unlearned_warnings(metrics: Mapping[str, Any], tasks: Sequence[str] | None = None) -> list[str]:
     """One warning line per task of ``tasks`` (default: all) whose model learned nothing."""
-    return [f"warning: {task}'s single-task model learned nothing ({why}): its affinities may be noise, so "
-            "where the tree puts it is not evidence; train longer (pretrain.epochs) or check its labels"
+    return [f"warning: {task}'s single-task model learned nothing, {why}; its affinities may be noise, so "
+            "where the tree puts it is not evidence: train longer (pretrain.epochs) or check its labels"
             for task, why in unlearned_tasks(metrics).items() if tasks is None or task in tasks]
 
 

@@ -170,8 +170,8 @@ def test_unlearned_tasks_are_those_not_beating_the_constant_prediction_on_val():
     assert out["seg"] == "val miou 0.200 against 0.200 for a constant prediction"
     # The terminal says it under the pretrain table (and under the chosen tree, for its tasks).
     warnings = pretrain.unlearned_warnings(metrics, ["parity", "depth"])
-    assert warnings == ["warning: parity's single-task model learned nothing (" + out["parity"] + "): its "
-                        "affinities may be noise, so where the tree puts it is not evidence; train longer "
+    assert warnings == ["warning: parity's single-task model learned nothing, " + out["parity"] + "; its "
+                        "affinities may be noise, so where the tree puts it is not evidence: train longer "
                         "(pretrain.epochs) or check its labels"]
 
 def test_cli_help_and_bad_task(in_tmp):
