@@ -26,7 +26,13 @@ from branchnas.models.pruning import prunable, prune_outputs
 from branchnas.recipe import BackboneConfig, load_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
-from variant_runs import assert_same_weights, finished_run, kill_and_resume, tiny  # noqa: E402
+from variant_runs import (  # noqa: E402
+    assert_reproduces_test_metrics,
+    assert_same_weights,
+    finished_run,
+    kill_and_resume,
+    tiny,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
 
@@ -399,10 +405,8 @@ def gated_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_gated_stage_reports_the_pruned_networks_own_fvcore_size(gated_run):
-    from branchnas.data import load_splits
     from branchnas.finetune import report_table
     from branchnas.stages.finetune import load_finetuned, read_report
-    from branchnas.training import evaluate
 
     recipe, rundir = gated_run
     report = read_report(rundir)
@@ -414,11 +418,7 @@ def test_the_gated_stage_reports_the_pruned_networks_own_fvcore_size(gated_run):
     assert budget["size"] == report["params"] and budget["limit"] == 40_000
     assert budget["within"] == (report["params"] <= 40_000)
     # The rebuilt file is the network that was evaluated.
-    splits, tasks = load_splits(recipe)
-    measured = evaluate(net, tasks, splits["test"], 32)
-    for task in tasks:
-        for metric, value in report["test"][task.name].items():
-            assert measured[task.name][metric] == pytest.approx(value, abs=1e-6)
+    assert_reproduces_test_metrics(recipe, net, report)
     assert (rundir.path / "finetune" / "gates.png").read_bytes()[:4] == b"\x89PNG"
     table = report_table(report)
     assert "task-specific channels (%)" in table and "budget" in table

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_finetune import tiny_overrides  # noqa: E402
+from test_finetune import assert_reproduces_test_metrics, tiny_overrides  # noqa: E402, F401 (re-exported)
 
 
 def tiny(variant: str, out: Any, *extra: str) -> list[str]:
