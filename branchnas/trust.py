@@ -135,7 +135,8 @@ def trust_section(result: Any, runners_up: Sequence[Any], affinity: dict[str, An
         for rank, scored in enumerate(runners_up, 2):
             gap = scored.cost - result.cost
             near = "yes" if band is not None and gap <= band else ("no" if band is not None else "?")
-            label = " | ".join(" ".join("{" + ",".join(g) + "}" for g in part) for part in scored.tree.named_partitions())
+            # A Markdown table cell: its branch-point separators escaped, so they do not split the row.
+            label = " \\| ".join(" ".join("{" + ",".join(g) + "}" for g in part) for part in scored.tree.named_partitions())
             rows.append((rank, label, format_count(scored.params), f"{scored.cost:.4f}", f"+{gap:.4f}", near))
         note = (f"the chosen tree's cost moves by ±{band:.4f} between the affinities' 95% bootstrap bounds"
                 if band is not None else

@@ -67,6 +67,12 @@ def test_trust_section_marks_runners_up_within_the_bootstrap_band():
     near = sum(1 for s in others if s.cost - best.cost <= band)
     assert f"{near} of {len(others)} runners-up are within noise" in lines
     assert "The affinities that decided the split" in lines and "[" in lines
+    # Each runner-up is one row of six cells: the tree's own " | " between branch points is escaped.
+    import re
+
+    rows = [line for line in lines.splitlines() if re.match(r"^\| \d+ ", line)]
+    assert len(rows) == len(others) and others[0].tree.num_points > 1
+    assert all(len(re.findall(r"(?<!\\)\|", row)) == 7 for row in rows), rows
     without = "\n".join(trust_section(result, others, {"affinity": a, "tasks": TASKS}, None))
     assert "--bootstrap" in without and "| ?" in without
     assert isinstance(others[0], ScoredTree)
