@@ -20,8 +20,9 @@ The loss weighting scheme (``finetune.weighting``) then combines the tasks as us
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -77,21 +78,55 @@ class Teachers(nn.Module):
     """The frozen single-task models: ``{task: (backbone, head)}``, in eval mode.
 
     :meth:`forward` returns ``({task: output}, {task: [features after each block]})``.
+
+    The teachers never change, so their outputs on the training images can be computed once
+    instead of once per epoch: after :meth:`remember`, the first forward pass computes them for
+    every training image (and its mirror, when training flips images) in a fixed order, and
+    each batch whose images are all in that table (keyed by the image's bytes) is looked up. A
+    batch with an image outside it is run through the teachers. Both paths give the same values
+    whether a run is straight or resumed, so a resumed run still matches a straight one bit for
+    bit. The table is filled only while it fits in ``cache_bytes``. Features are not remembered
+    (they are far larger); asking for them runs the teachers.
     """
 
-    def __init__(self, models: Mapping[str, tuple[nn.Module, nn.Module]]) -> None:
+    def __init__(self, models: Mapping[str, tuple[nn.Module, nn.Module]], cache_bytes: int = 1 << 30) -> None:
         super().__init__()
         self.backbones = nn.ModuleDict({t: b for t, (b, _) in models.items()})
         self.heads = nn.ModuleDict({t: h for t, (_, h) in models.items()})
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
+        self.cache_bytes = int(cache_bytes)
+        self._source: tuple[Callable[[], Iterable[Tensor]], bool] | None = None
+        self._forget()
+
+    def _forget(self) -> None:
+        self._filled = False
+        self._slots: dict[bytes, int] = {}  # image key -> row of the stores
+        self._stores: dict[str, Tensor] = {}  # task -> (capacity, *output shape), grown by doubling
+        self.cached_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def remember(self, batches: Callable[[], Iterable[Tensor]], mirrored: bool = False) -> None:
+        """Look up the outputs on the images that ``batches()`` yields (and their mirrors).
+
+        ``batches`` is called once, at the next forward pass, and must yield the images exactly
+        as training batches hold them (same normalisation), in a fixed order.
+        """
+        self._source = (batches, bool(mirrored))
+        self._forget()
 
     def train(self, mode: bool = True) -> Teachers:  # teachers never leave eval mode
         return super().train(False)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Teachers:  # moved or cast: compute the table again
+        self._forget()
+        return super()._apply(fn, recurse)
+
     @torch.no_grad()
-    def forward(self, x: Tensor, features: bool = False) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+    def run(self, x: Tensor, features: bool = False) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+        """The teachers' outputs (and features) on ``x``, always computed."""
         outputs: dict[str, Tensor] = {}
         feats: dict[str, list[Tensor]] = {}
         for task, backbone in self.backbones.items():
@@ -104,6 +139,61 @@ class Teachers(nn.Module):
             if features:
                 feats[task] = per_block
         return outputs, feats
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, features: bool = False) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+        if features or self._source is None or self.cache_bytes <= 0:
+            return self.run(x, features)
+        if not self._filled:
+            self._fill(x.device)
+        slots = [self._slots.get(key) for key in _keys(x)]
+        if any(slot is None for slot in slots):
+            self.misses += len(slots)
+            return self.run(x)
+        self.hits += len(slots)
+        rows = torch.tensor(slots, device=x.device)
+        return {task: store[rows] for task, store in self._stores.items()}, {}
+
+    def _fill(self, device: torch.device) -> None:
+        self._filled = True
+        batches, mirrored = self._source
+        for images in batches():
+            for view in (images, images.flip(-1)) if mirrored else (images,):
+                view = view.to(device)
+                if not self._remember(_keys(view), self.run(view)[0]):
+                    return  # full: the rest is computed when it comes
+
+    def _remember(self, keys: list[bytes], computed: Mapping[str, Tensor]) -> bool:
+        """Store the outputs of images not stored yet; ``False`` once they no longer fit."""
+        new: list[int] = []
+        seen: set[bytes] = set()
+        for i, key in enumerate(keys):  # an image repeated in the data is stored once
+            if key not in self._slots and key not in seen:
+                seen.add(key)
+                new.append(i)
+        row_bytes = sum(v[0].numel() * v.element_size() for v in computed.values())
+        if self.cached_bytes + len(new) * row_bytes > self.cache_bytes:
+            return False
+        start, need = len(self._slots), len(self._slots) + len(new)
+        at = torch.tensor(new, device=next(iter(computed.values())).device, dtype=torch.long)
+        for task, value in computed.items():
+            store = self._stores.get(task)
+            if store is None or store.shape[0] < need:  # grow by doubling
+                grown = value.new_empty((max(need, 2 * (store.shape[0] if store is not None else 0)), *value.shape[1:]))
+                if store is not None:
+                    grown[:start] = store[:start]
+                self._stores[task] = store = grown
+            store[start:need] = value[at]
+        for offset, i in enumerate(new):
+            self._slots[keys[i]] = start + offset
+        self.cached_bytes += len(new) * row_bytes
+        return True
+
+
+def _keys(images: Tensor) -> list[bytes]:
+    """One key per image: a hash of its fp32 bytes (a mirrored image is another image)."""
+    rows = images.detach().to("cpu", torch.float32).contiguous()
+    return [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in rows]
 
 
 class FinetuneObjective:

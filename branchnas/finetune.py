@@ -333,7 +333,7 @@ def finetune_tree(
     trainer = Trainer(
         net, tasks, cfg, batch_size=recipe.data.batch_size, seed=recipe.seed,
         checkpoint=out_dir / "ckpt", weighting=weighting, augment=recipe.data.augment, desc=desc,
-        objective=build_objective(recipe, rundir, net, tasks),
+        objective=build_objective(recipe, rundir, net, tasks, splits["train"]),
         reference=baseline_val if cfg.select == "best" else None, keep_best=cfg.select == "best",
         variant=variant_obj, callbacks=[log_epoch, *callbacks],
     )
@@ -422,8 +422,14 @@ def single_task_losses(rundir: RunDir, names: Sequence[str]) -> dict[str, float]
     return losses
 
 
-def build_objective(recipe: Recipe, rundir: RunDir, net: BranchedNet, tasks: Sequence[Task]) -> Any:
-    """The fine-tuning objective of ``[finetune]`` (see :mod:`branchnas.distill`), or ``None``."""
+def build_objective(recipe: Recipe, rundir: RunDir, net: BranchedNet, tasks: Sequence[Task],
+                    train: Any = None) -> Any:
+    """The fine-tuning objective of ``[finetune]`` (see :mod:`branchnas.distill`), or ``None``.
+
+    With the training split ``train``, the teachers compute their outputs on its images once
+    (and on their mirrors when training flips them) instead of once per epoch.
+    """
+    from branchnas.data import batches
     from branchnas.distill import FinetuneObjective, Teachers
     from branchnas.stages.pretrain import load_single_task
 
@@ -438,6 +444,11 @@ def build_objective(recipe: Recipe, rundir: RunDir, net: BranchedNet, tasks: Seq
         # are pulled towards their teachers, the source loses its features unless it is too.
         taught = net.shared_tasks()
         teachers = Teachers({n: load_single_task(recipe, rundir, n) for n in taught}) if taught else None
+        if teachers is not None and train is not None:
+            size = recipe.data.batch_size
+            teachers.remember(lambda: (images for images, _ in batches(train, size, shuffle=False, seed=recipe.seed,
+                                                                        epoch=0, augment=False)),
+                              mirrored=recipe.data.augment and train.can_flip)
     scale = None
     if cfg.balance == "single_task":
         scale = {n: 1.0 / max(loss, 1e-8) for n, loss in single_task_losses(rundir, names).items()}

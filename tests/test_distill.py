@@ -104,3 +104,67 @@ def test_objective_adds_weighted_terms_then_scales_and_teachers_get_no_gradient(
     assert not teachers.training and not teachers.train().training  # teachers stay in eval mode
     with pytest.raises(ValueError, match="positive and finite"):
         FinetuneObjective(tasks, None, scale={"a": 0.0})
+
+
+def _conv_teachers(cache_bytes):
+    torch.manual_seed(0)
+    return Teachers({name: (_Stacked(), nn.Conv2d(3, 2, 3, padding=1)) for name in ("a", "b")},
+                    cache_bytes=cache_bytes)
+
+
+class _Stacked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())])
+
+
+def test_remembered_teachers_compute_the_training_images_once_and_answer_as_running_them():
+    teachers = _conv_teachers(cache_bytes=1 << 20)
+    images = torch.rand(6, 3, 5, 5, generator=_gen(20))
+    calls = []
+
+    def source():
+        calls.append(1)
+        return iter([images[:4], images[4:]])
+
+    teachers.remember(source, mirrored=True)
+    per_image = 2 * (2 * 5 * 5 * 4)  # two heads of 2x5x5 fp32 values
+    # a batch of seen images, in another order, one of them mirrored
+    batch = torch.stack([images[2], images[5].flip(-1), images[0]])
+    got, _ = teachers(batch)
+    assert len(calls) == 1 and teachers.cached_bytes == 12 * per_image  # six images and six mirrors
+    assert (teachers.hits, teachers.misses) == (3, 0)
+    reference, _ = teachers.run(batch)  # the teachers run on the batch: no table
+    for task in ("a", "b"):
+        assert torch.allclose(got[task], reference[task], atol=1e-6)
+    # an image outside the table: the whole batch is run, and nothing is added
+    outside = torch.stack([images[1], torch.rand(3, 5, 5, generator=_gen(22))])
+    got, _ = teachers(outside)
+    assert (teachers.hits, teachers.misses) == (3, 2) and teachers.cached_bytes == 12 * per_image
+    for task in ("a", "b"):
+        assert torch.equal(got[task], teachers.run(outside)[0][task])
+    assert len(calls) == 1
+    teachers.to(torch.float64).float()  # moved or cast: the table is dropped and computed again
+    assert teachers.cached_bytes == 0
+    teachers(batch)
+    assert len(calls) == 2 and teachers.cached_bytes == 12 * per_image and teachers.hits == 3
+
+
+def test_a_teacher_table_stops_at_its_budget_and_repeated_images_are_stored_once():
+    images = torch.rand(5, 3, 5, 5, generator=_gen(21))
+    per_image = 2 * (2 * 5 * 5 * 4)
+    teachers = _conv_teachers(cache_bytes=3 * per_image)  # room for the first batch only
+    teachers.remember(lambda: iter([images[:3], images[3:]]))
+    got, _ = teachers(images[3:])  # its images did not fit: run
+    assert teachers.cached_bytes == 3 * per_image and (teachers.hits, teachers.misses) == (0, 2)
+    assert torch.equal(got["a"], teachers.run(images[3:])[0]["a"])
+    teachers(images[:3])
+    assert teachers.hits == 3
+    twice = _conv_teachers(cache_bytes=1 << 20)
+    twice.remember(lambda: iter([torch.stack([images[0], images[0], images[1]]), images[:2]]))
+    twice(images[:1])
+    assert twice.cached_bytes == 2 * per_image
+    off = _conv_teachers(cache_bytes=1 << 20)
+    off(images)  # nothing to remember: not even looked up
+    assert off.cached_bytes == 0 and off.misses == 0
