@@ -7,7 +7,8 @@ import os
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-# As the CLI does: OpenMP threads that spin while waiting slow torch several-fold on a busy CPU.
+# OpenMP threads that spin while waiting slow torch several-fold when processes share the cores,
+# as the two test workers do (the CLI, usually alone on the machine, spins briefly instead).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One process per core (pytest -n 2): each worker and its subprocesses use one thread,
