@@ -193,14 +193,20 @@ def _train(recipe: Any, folder: Path, todo: Sequence[str], progress: bool, log: 
     seconds = time.time() - started
     chance = chance_metrics(tasks, train, splits["test"], batch)
     chance_val = chance_metrics(tasks, train, splits["val"], batch)
-    tests = evaluate_models([(models[t.name], [t]) for t in tasks], splits["test"], batch,
-                            precision=recipe.pretrain.precision)
+    # In fp32 whatever the training precision: the saved models are fp32, and the single-task
+    # baselines must be measured as the fine-tuned network will be.
+    pairs = [(models[t.name], [t]) for t in tasks]
+    tests = evaluate_models(pairs, splits["test"], batch, precision="fp32")
+    vals = evaluate_models(pairs, splits["val"], batch, precision="fp32") if cfg.precision != "fp32" else None
     trained = {}
     for t, test in zip(tasks, tests, strict=True):
         model = models[t.name]
         result = results[t.name]
         # The validation metrics of the kept weights were measured when they were trained.
+        # (in fp32 training, so as they are; else measured again above, in fp32)
         kept = result["best_val"] if cfg.patience > 0 and result["best_val"] else result["history"][-1]["val"]
+        if vals is not None:
+            kept = vals[tasks.index(t)]
         trained[t.name] = {
             "task": t.name,
             "task_spec": dataclasses.asdict(t),

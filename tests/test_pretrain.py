@@ -87,6 +87,27 @@ def test_stage_writes_models_and_metrics(tmp_path):
     assert "abs_err ↓" in table and "accuracy ↑" in table
 
 
+def test_bf16_training_reports_the_saved_models_fp32_metrics(tmp_path, monkeypatch):
+    from branchnas.data import load_splits
+    from branchnas.training import SingleTaskModel, evaluate, runtime
+
+    # autocast works on any CPU (only slower where it has no bf16 in hardware)
+    monkeypatch.setattr(runtime, "_cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(runtime, "_mkldnn_bf16", lambda: True)
+    recipe = tiny_recipe(tmp_path, "pretrain.precision=bf16", "pretrain.epochs=1")
+    rundir = RunDir(recipe.run_dir)
+    run_pretrain(recipe, rundir)
+    metrics = json.loads((rundir.path / "pretrain" / "metrics.json").read_text())["tasks"]
+    splits, tasks = load_splits(recipe)
+    trained = torch.load(rundir.path / "pretrain" / "shape.pt", weights_only=True)["history"]
+    for task in tasks:
+        model = SingleTaskModel(*load_single_task(recipe, rundir, task.name), task.name)
+        for split in ("val", "test"):
+            fp32 = evaluate(model, [task], splits[split], 16, precision="fp32")[task.name]
+            assert metrics[task.name][split] == pytest.approx(fp32, rel=1e-6, abs=1e-9), (task.name, split)
+    assert trained[-1]["val"]["shape"] is not None  # the per-epoch curve is still measured while training
+
+
 def test_rerun_skips_and_force_retrains(tmp_path):
     recipe = tiny_recipe(tmp_path)
     rundir = RunDir(recipe.run_dir)
