@@ -199,14 +199,13 @@ def _train(recipe: Any, folder: Path, todo: Sequence[str], progress: bool, log: 
     tests = evaluate_models(pairs, splits["test"], batch, precision="fp32")
     vals = evaluate_models(pairs, splits["val"], batch, precision="fp32") if cfg.precision != "fp32" else None
     trained = {}
-    for t, test in zip(tasks, tests, strict=True):
+    for i, (t, test) in enumerate(zip(tasks, tests, strict=True)):
         model = models[t.name]
         result = results[t.name]
-        # The validation metrics of the kept weights were measured when they were trained.
-        # (in fp32 training, so as they are; else measured again above, in fp32)
+        # Trained in fp32, the kept weights' validation metrics were measured while training.
         kept = result["best_val"] if cfg.patience > 0 and result["best_val"] else result["history"][-1]["val"]
         if vals is not None:
-            kept = vals[tasks.index(t)]
+            kept = vals[i]
         trained[t.name] = {
             "task": t.name,
             "task_spec": dataclasses.asdict(t),
