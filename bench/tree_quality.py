@@ -77,7 +77,9 @@ def recipe_overrides(args: argparse.Namespace, name: str) -> list[str]:
 
 def tree_label(tree: Any) -> str:
     """A tree on one line: groups in braces per branch point, points separated by ``|``."""
-    return " | ".join(" ".join("{" + ",".join(g) + "}" for g in part) for part in tree.named_partitions())
+    from branchnas.tree import describe_partitions
+
+    return describe_partitions(tree.named_partitions())
 
 
 def budget_values(specs: Sequence[str], name: str, smallest: int, largest: int) -> list[tuple[int, str]]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from branchnas.rundir import RunDir
-from branchnas.tree import Partition, Tree, canonical_partition
+from branchnas.tree import Partition, Tree, canonical_partition, describe_partitions
 
 if TYPE_CHECKING:
     from branchnas.cost import BlockCosts
@@ -372,13 +372,8 @@ def comparison_markdown(data: Mapping[str, Any]) -> str:
     lines += ["## Trees", ""]
     for row in data["rows"]:
         note = f" ({row['note']})" if row.get("note") else ""
-        lines.append(f"- **{row['name']}**: `{_describe(row['partitions'])}`{note}")
+        lines.append(f"- **{row['name']}**: `{describe_partitions(row['partitions'])}`{note}")
     if data["random_requested"] and sum(r["kind"] == "random" for r in data["rows"]) < data["random_requested"]:
         lines += ["", f"Only {sum(r['kind'] == 'random' for r in data['rows'])} of the {data['random_requested']} "
                   "requested random trees fit within ±10% of the chosen tree's parameters."]
     return "\n".join(lines) + "\n"
-
-
-def _describe(partitions: Sequence[Sequence[Sequence[str]]]) -> str:
-    """A tree on one line: groups in braces, branch points separated by ``|``."""
-    return " | ".join(" ".join("{" + ",".join(g) + "}" for g in part) for part in partitions)

@@ -32,7 +32,7 @@ from typing import Any
 
 from branchnas.errors import UserError
 
-__all__ = ["Tree", "Partition", "canonical_partition", "TREE_FORMAT"]
+__all__ = ["Tree", "Partition", "canonical_partition", "describe_partitions", "TREE_FORMAT"]
 
 #: A partition of task indices: a sorted tuple of sorted, non-empty index tuples.
 Partition = tuple[tuple[int, ...], ...]
@@ -470,3 +470,8 @@ def _check_refines(fine: Partition, coarse: Partition, tasks: tuple[str, ...], p
 
 def _format_partition(partition: Partition, tasks: tuple[str, ...]) -> str:
     return " ".join("{" + ",".join(tasks[t] for t in g) + "}" for g in partition)
+
+
+def describe_partitions(partitions: Sequence[Sequence[Sequence[str]]], separator: str = " | ") -> str:
+    """A tree on one line: its named groups in braces per branch point, points separated by ``|``."""
+    return separator.join(" ".join("{" + ",".join(g) + "}" for g in part) for part in partitions)

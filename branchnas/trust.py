@@ -113,6 +113,7 @@ def trust_section(result: Any, runners_up: Sequence[Any], affinity: dict[str, An
 
     from branchnas.budget import format_count
     from branchnas.tasks import format_delta
+    from branchnas.tree import describe_partitions
 
     out = ["## How much to trust the pick", ""]
     tree = result.tree
@@ -136,7 +137,7 @@ def trust_section(result: Any, runners_up: Sequence[Any], affinity: dict[str, An
             gap = scored.cost - result.cost
             near = "yes" if band is not None and gap <= band else ("no" if band is not None else "?")
             # A Markdown table cell: its branch-point separators escaped, so they do not split the row.
-            label = " \\| ".join(" ".join("{" + ",".join(g) + "}" for g in part) for part in scored.tree.named_partitions())
+            label = describe_partitions(scored.tree.named_partitions(), separator=" \\| ")
             rows.append((rank, label, format_count(scored.params), f"{scored.cost:.4f}", f"+{gap:.4f}", near))
         note = (f"the chosen tree's cost moves by ±{band:.4f} between the affinities' 95% bootstrap bounds"
                 if band is not None else
