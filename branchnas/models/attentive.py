@@ -266,6 +266,7 @@ class AttentiveNet(BranchedNet):
             self.heads.load_state_dict(plain.heads.state_dict())
             self.nodes.load_state_dict(plain.nodes.state_dict())
             self.sources = dict(getattr(plain, "sources", {}) or {})
+            self.alignment = dict(getattr(plain, "alignment", {}) or {})
         self.reduction = int(reduction)
         self.adapters = bool(adapters)
         nodes: dict[str, nn.Module] = {}
@@ -290,12 +291,13 @@ class AttentiveNet(BranchedNet):
     def from_single_task(cls, tree: Any, backbones_by_task: Mapping[str, nn.Module],
                          heads_by_task: Mapping[str, nn.Module], init: str = "first", *,
                          tasks: Sequence[str] | None = None, affinity: Any = None, seed: int = 0,
+                         align: Tensor | None = None,
                          reduction: int = 16, adapters: bool = False) -> AttentiveNet:
         """The attentive network of ``tree``: the plain network's weights (``init``, see
         :meth:`BranchedNet.from_single_task`), modulated. The SE layers' first convs are drawn
         from ``seed`` (their second convs and the adapters start at zero)."""
         plain = BranchedNet.from_single_task(tree, backbones_by_task, heads_by_task, init, tasks=tasks,
-                                             affinity=affinity, seed=seed)
+                                             affinity=affinity, seed=seed, align=align)
         names = plain.task_names
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -176,7 +176,7 @@ class BranchedNet(nn.Module):
 
     # Plain-Python descriptions that the scripted forward never reads.
     __jit_ignored_attributes__ = ["chain", "plan", "node_groups", "leaf", "stem_info", "block_info",
-                                  "backbone_name", "tree", "sources"]
+                                  "backbone_name", "tree", "sources", "alignment"]
     __jit_unused_properties__ = ["num_nodes"]
 
     def __init__(
@@ -321,6 +321,7 @@ class BranchedNet(nn.Module):
         tasks: Sequence[str] | None = None,
         affinity: Any = None,
         seed: int = 0,
+        align: Tensor | None = None,
     ) -> BranchedNet:
         """Build the network of ``tree`` from trained single-task models.
 
@@ -348,6 +349,10 @@ class BranchedNet(nn.Module):
             tasks: Task order (default: the tree's).
             affinity: ``D x N x N`` affinity in task order, for ``central`` and ``outlier``.
             seed: Seed of ``scratch``.
+            align: Training images; when given (and ``init`` is not ``scratch``), every node and
+                head that receives another model's features gets the least-squares change of
+                basis folded into its first layers (:func:`branchnas.models.align.align_inputs`;
+                its report lands in ``net.alignment``).
 
         Raises:
             UserError: An unknown ``init``, or a task without a single-task model.
@@ -363,6 +368,7 @@ class BranchedNet(nn.Module):
         net = cls(tree, backbones_by_task[names[0]], heads_by_task, tasks=names)
         # Which task's weights each node starts from (None: an average, or fresh weights).
         net.sources = {name: None for name, _ in net.plan}
+        net.alignment = {}
         if init == "scratch":
             _reinitialise(net, seed)
             return net
@@ -381,6 +387,10 @@ class BranchedNet(nn.Module):
                     net.sources[name] = source_task(group, d, init, affinity, names)
                     state = backbones_by_task[net.sources[name]].blocks[d].state_dict()
                 net.nodes[name].load_state_dict(state)
+        if align is not None:
+            from branchnas.models.align import align_inputs
+
+            net.alignment = align_inputs(net, backbones_by_task, align)
         return net
 
 

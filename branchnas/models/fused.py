@@ -275,12 +275,13 @@ class FusedNet(BranchedNet):
     def from_single_task(cls, tree: Any, backbones_by_task: Mapping[str, nn.Module],
                          heads_by_task: Mapping[str, nn.Module], init: str = "first", *,
                          tasks: Sequence[str] | None = None, affinity: Any = None, seed: int = 0,
+                         align: Tensor | None = None,
                          where: str = "all", modulation: str = "both", bottleneck: str = "conv") -> FusedNet:
         """The fused network of ``tree``: the plain network's initialisation (``init``, see
         :meth:`BranchedNet.from_single_task`), each shared node's BatchNorms turned into fusion
         layers. The attention bottleneck's query and key start random, drawn from ``seed``."""
         plain = BranchedNet.from_single_task(tree, backbones_by_task, heads_by_task, init, tasks=tasks,
-                                             affinity=affinity, seed=seed)
+                                             affinity=affinity, seed=seed, align=align)
         names = plain.task_names
         with torch.random.fork_rng(devices=[]):  # seeded, and the caller's random stream untouched
             torch.manual_seed(seed)
@@ -290,6 +291,7 @@ class FusedNet(BranchedNet):
             net.heads = plain.heads
             net._fuse_nodes(plain.nodes)
         net.sources = dict(plain.sources)
+        net.alignment = dict(plain.alignment)
         return net
 
     @torch.jit.unused

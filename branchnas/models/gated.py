@@ -342,6 +342,7 @@ class GatedNet(BranchedNet):
     def from_single_task(cls, tree: Any, backbones_by_task: Mapping[str, nn.Module],
                          heads_by_task: Mapping[str, nn.Module], init: str = "first", *,
                          tasks: Sequence[str] | None = None, affinity: Any = None, seed: int = 0,
+                         align: Tensor | None = None,
                          alpha_init: float = 1.0) -> GatedNet:
         """The gated network of ``tree`` from trained single-task models.
 
@@ -350,7 +351,7 @@ class GatedNet(BranchedNet):
         each task copy takes its own task's single-task block.
         """
         plain = BranchedNet.from_single_task(tree, backbones_by_task, heads_by_task, init, tasks=tasks,
-                                             affinity=affinity, seed=seed)
+                                             affinity=affinity, seed=seed, align=align)
         names = plain.task_names
         net = cls(tree, backbones_by_task[names[0]], heads_by_task, tasks=names, alpha_init=alpha_init)
         with torch.no_grad():
@@ -369,6 +370,7 @@ class GatedNet(BranchedNet):
                         own = gate_layers(backbones_by_task[task].blocks[d])[k]
                         layer.copies[t].load_state_dict(own.state_dict())
         net.sources = dict(plain.sources)
+        net.alignment = dict(plain.alignment)
         return net
 
     # -- forward

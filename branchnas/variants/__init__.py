@@ -70,8 +70,10 @@ class Variant:
         """Refuse a bad configuration before any work (``task_names``: when known)."""
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
-        """The network to train, from the single-task backbones and heads."""
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
+              align: Tensor | None = None) -> nn.Module:
+        """The network to train, from the single-task backbones and heads (``align``: training
+        images for the change of basis at branch points, see :meth:`BranchedNet.from_single_task`)."""
         raise NotImplementedError
 
     def backward(self, model: nn.Module, losses: Mapping[str, Tensor], weighting: Any,

@@ -128,10 +128,11 @@ class AttentiveVariant(Variant):
         self.loss_steps = 0
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
+              align: Tensor | None = None) -> nn.Module:
         from branchnas.models.attentive import AttentiveNet
 
-        net = AttentiveNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed,
+        net = AttentiveNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed, align=align,
                                             reduction=self.cfg.reduction, adapters=self.cfg.adapters)
         self.levels = branch_levels(net) if self.cfg.adversarial else {}
         if self.cfg.adversarial and not self.levels:

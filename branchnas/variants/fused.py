@@ -70,10 +70,11 @@ class FusedVariant(Variant):
             )
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
+              align: Tensor | None = None) -> nn.Module:
         from branchnas.models.fused import FusedNet
 
-        return FusedNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed,
+        return FusedNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed, align=align,
                                          **self.settings())
 
     def backward(self, model: nn.Module, losses: Mapping[str, Tensor], weighting: Any,

@@ -54,13 +54,14 @@ class GatedVariant(Variant):
                 )
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
+              align: Tensor | None = None) -> nn.Module:
         from branchnas.models.gated import GatedNet
 
         self.check(tasks)
         self._targets = self.targets(tasks)
         return GatedNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity,
-                                         seed=seed, alpha_init=self.cfg.init)
+                                         seed=seed, align=align, alpha_init=self.cfg.init)
 
     def regulariser(self, model: nn.Module) -> Tensor | None:
         from branchnas.models.gated import sparsity_loss

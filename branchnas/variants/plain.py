@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from branchnas.variants import Variant, register_variant
 
@@ -16,11 +16,12 @@ class PlainVariant(Variant):
     summary = "the tree's branched network"
 
     def build(self, tree: Any, backbones: Mapping[str, nn.Module], heads: Mapping[str, nn.Module], *,
-              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0) -> nn.Module:
+              init: str, tasks: Sequence[str], affinity: Any = None, seed: int = 0,
+              align: Tensor | None = None) -> nn.Module:
         from branchnas.models import BranchedNet
 
         return BranchedNet.from_single_task(tree, backbones, heads, init=init, tasks=tasks,
-                                            affinity=affinity, seed=seed)
+                                            affinity=affinity, seed=seed, align=align)
 
     @classmethod
     def rebuild(cls, checkpoint: Mapping[str, Any], tree: Any, backbone: nn.Module,
