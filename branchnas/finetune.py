@@ -109,7 +109,8 @@ def tree_to_json(tree: Any) -> Any:
 
 
 def build_branched(
-    recipe: Recipe, rundir: RunDir, tree: Any, init: str | None = None, variant: Any = None
+    recipe: Recipe, rundir: RunDir, tree: Any, init: str | None = None, variant: Any = None,
+    train: Any = None,
 ) -> BranchedNet:
     """The network of ``tree``, initialised from the stage-1 single-task models.
 
@@ -120,6 +121,8 @@ def build_branched(
         init: The init rule (default ``finetune.init``); see
             :meth:`branchnas.models.BranchedNet.from_single_task`.
         variant: The :class:`branchnas.variants.Variant` that builds it (default: plain).
+        train: The training split; with ``finetune.align_images`` > 0 its images fit the change
+            of basis at branch points (see :func:`alignment_images`).
     """
     from branchnas.models import tree_chain
     from branchnas.stages.pretrain import load_single_task
@@ -132,7 +135,20 @@ def build_branched(
     init = init or recipe.finetune.init
     affinity = _affinity(rundir, names) if init in ("central", "outlier") else None
     variant = variant or get_variant("plain", recipe)
-    return variant.build(tree, backbones, heads, init=init, tasks=names, affinity=affinity, seed=recipe.seed)
+    images = alignment_images(recipe, train) if train is not None and init != "scratch" else None
+    return variant.build(tree, backbones, heads, init=init, tasks=names, affinity=affinity, seed=recipe.seed,
+                         align=images)
+
+
+def alignment_images(recipe: Recipe, train: Any) -> Any:
+    """``finetune.align_images`` training images drawn by ``recipe.seed``, un-augmented (``None`` when 0)."""
+    import torch
+
+    count = min(recipe.finetune.align_images, len(train))
+    if count == 0:
+        return None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))
+    return train.get_batch(order[:count].sort().values)[0]
 
 
 def _affinity(rundir: RunDir, names: Sequence[str]) -> Any:
@@ -327,7 +343,7 @@ def finetune_tree(
     splits, tasks = splits if splits is not None else load_splits(recipe)
     baseline_test = single_task_metrics(rundir, "test")
     baseline_val = single_task_metrics(rundir, "val")
-    net = build_branched(recipe, rundir, tree, variant=variant_obj)
+    net = build_branched(recipe, rundir, tree, variant=variant_obj, train=splits["train"])
     weighting = get_weighting(recipe.finetune.weighting, tasks, seed=recipe.seed)
     cfg = recipe.finetune
     trainer = Trainer(
@@ -371,6 +387,8 @@ def finetune_tree(
         "balance": cfg.balance,
         # which task's single-task block each node started from (None: an average or fresh)
         "init_sources": dict(getattr(net, "sources", {}) or {}),
+        # where the change of basis was fitted: errors of the output against the source's, before/after
+        "init_alignment": dict(getattr(net, "alignment", {}) or {}),
         "select": cfg.select,
         # With finetune.patience > 0 or select = "best" the trainer restores the best epoch
         # (by val Δ_MTL against the single-task models with "best"); else the last one counts.

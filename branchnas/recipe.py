@@ -228,6 +228,9 @@ class FinetuneConfig(TrainConfig):
         },
     ))
     init: str = field(default="outlier", metadata=_choices("first", "central", "outlier", "average", "scratch", doc="how tree nodes take single-task weights: the group's first task, its most central task by affinity, its least central (outlier) task, the group mean, or fresh"))
+    align_images: int = field(default=128, metadata=_spec(
+        "training images on which each node or head that starts from another model's features fits the "
+        "least-squares change of basis folded into its first layers (0 = off)", min=0))
     distill: float = field(default=0.3, metadata=_spec("weight of output distillation from each task's single-task model (0 = off)", min=0.0))
     distill_features: float = field(default=0.0, metadata=_spec("weight of feature distillation at the branch points (0 = off)", min=0.0))
     distill_temperature: float = field(default=2.0, metadata=_spec("softmax temperature of output distillation", min=0.01))

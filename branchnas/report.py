@@ -213,6 +213,19 @@ def _weighting_name(weighting: Any) -> str:
     return str(weighting or "uniform")
 
 
+def _alignment_lines(finetune: Mapping[str, Any]) -> list[str]:
+    """One paragraph: where the change of basis was folded in before fine-tuning (if anywhere)."""
+    places = finetune.get("init_alignment") or {}
+    if not places:
+        return []
+    kept = [(name, e) for name, e in places.items() if e["kept"]]
+    text = (f"{len(places)} blocks or heads started on features of another model than their own; the change "
+            f"of basis was folded into {len(kept)} of them (`finetune.align_images`; their output error against "
+            "the source model's, before → after")
+    details = ", ".join(f"{name} {e['error_before']:.2f} → {e['error_after']:.2f}" for name, e in kept)
+    return [text + (f": {details})." if kept else ")."), ""]
+
+
 def _variant_section(rundir: RunDir, finetune: Mapping[str, Any]) -> list[str]:
     """The budget check and, for the gated variant, how much each task specialised."""
     from branchnas.variants import over_budget_fix
@@ -332,6 +345,7 @@ def write_report(rundir: RunDir) -> Path:
                 f"**Δ_MTL = {format_delta(finetune['delta_mtl'])}** on test (mean relative change of each task's "
                 f"primary metric, signed so that positive is better) with {format_count(finetune['params'])} "
                 f"params and {format_count(finetune['flops'])} FLOPs.", ""]
+        out += _alignment_lines(finetune)
         out += _variant_section(rundir, finetune)
         out += _tune_section(rundir)
         models = _models(rundir, finetune, extremes)

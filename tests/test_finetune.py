@@ -6,6 +6,7 @@ per stage); the fast ones check the pieces that need no run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -129,6 +130,36 @@ def test_finetune_writes_the_report_and_a_rebuildable_model(run):
     costs = block_costs(pairs["shape"][0], {n: p[1] for n, p in pairs.items()}, (16, 16))
     assert report["params"] == costs.size(list(tree.groups_per_point()), "params")
     assert report["flops"] == costs.size(list(tree.groups_per_point()), "flops")
+
+
+def test_finetune_aligns_exactly_the_places_its_report_lists(run):
+    """The stage's report lists the change of basis it made; the weights it changed are those
+    listed as kept, and ``finetune.align_images = 0`` leaves the copied weights as they were."""
+    from branchnas.data import load_splits
+
+    recipe, rundir, _ = run
+    report = json.loads((rundir.path / "finetune" / "report.json").read_text())
+    tree = finetune.load_tree(rundir.path / "search" / "tree.json")
+    train = load_splits(recipe)[0]["train"]
+    aligned = finetune.build_branched(recipe, rundir, tree, train=train)
+    off = dataclasses.replace(recipe, finetune=dataclasses.replace(recipe.finetune, align_images=0))
+    copied = finetune.build_branched(off, rundir, tree, train=train)
+    assert copied.alignment == {}
+    assert report["init_alignment"] == json.loads(json.dumps(aligned.alignment))
+    assert any(e["kept"] for e in report["init_alignment"].values())  # the mixed tree reads foreign features
+    kept = {name for name, e in aligned.alignment.items() if e["kept"]}
+    places = [(name, aligned.nodes[name], copied.nodes[name]) for name, _ in aligned.plan]
+    places += [(f"head:{t}", aligned.heads[t], copied.heads[t]) for t in aligned.task_names]
+    for name, new, old in places:
+        same = all(torch.equal(v, old.state_dict()[k]) for k, v in new.state_dict().items())
+        assert same == (name not in kept), name
+    # report.md names the places where the fold was kept, and only those
+    from branchnas.report import write_report
+
+    text = write_report(rundir).read_text()
+    line = next(x for x in text.splitlines() if "change of basis was folded into" in x)
+    assert f"folded into {len(kept)} of them" in line
+    assert {name for name, _, _ in places if f" {name} " in line} == kept
 
 
 def assert_reproduces_test_metrics(recipe, net, report):
