@@ -16,9 +16,8 @@ layers that read the input: ``W' = W M`` and ``b' = b + W c`` (summed over the k
 convolution or linear layer; per-channel averaging in between (global average pooling)
 commutes with the map, so a linear head is folded exactly. A layer that reads the input in any
 other way (an identity shortcut) keeps the unaligned input, so the fold is checked: it is
-kept only when it removes at least half of the difference between the node's (head's) output
-on these images and what its source computes from its own features. ``y`` is the source's features, not the task's own
-deeper model, so the network starts as close as it can to the single-task models it came from.
+kept only when it removes at least half of the difference between the module's output on these
+images and what the same module computes from its source's own features.
 """
 
 from __future__ import annotations
@@ -168,10 +167,9 @@ def align_inputs(net: Any, backbones_by_task: Mapping[str, nn.Module], images: T
         mean squared difference of its output from its source's, over the variance of the
         latter, on ``images``.
     """
-    training = net.training
-    net.eval()
-    for backbone in backbones_by_task.values():
-        backbone.eval()
+    modes = [(m, m.training) for m in (net, *backbones_by_task.values())]
+    for module, _ in modes:
+        module.eval()  # BatchNorm's running statistics, as the single-task models computed them
     parents = dict(net.plan)
     report: dict[str, dict[str, Any]] = {}
     try:
@@ -181,13 +179,13 @@ def align_inputs(net: Any, backbones_by_task: Mapping[str, nn.Module], images: T
                 continue
             depth = int(name[1:].split("_", 1)[0])
             own = backbones_by_task[source]
-            report_entry = _align_one(
+            entry = _align_one(
                 net.nodes[name],
                 lambda x, p=parent: _node_output(net, parents, p, x),
                 lambda x, b=own, d=depth: _backbone_output(b, d, x),
                 images, ridge)
-            if report_entry is not None:
-                report[name] = {"source": source, **report_entry}
+            if entry is not None:
+                report[name] = {"source": source, **entry}
         for task in net.task_names:
             own = backbones_by_task[task]
             depth = len(own.blocks)
@@ -199,7 +197,8 @@ def align_inputs(net: Any, backbones_by_task: Mapping[str, nn.Module], images: T
             if entry is not None:
                 report[f"head:{task}"] = {"source": task, **entry}
     finally:
-        net.train(training)
+        for module, mode in modes:
+            module.train(mode)
     return report
 
 

@@ -132,8 +132,8 @@ class AttentiveVariant(Variant):
               align: Tensor | None = None) -> nn.Module:
         from branchnas.models.attentive import AttentiveNet
 
-        net = AttentiveNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed, align=align,
-                                            reduction=self.cfg.reduction, adapters=self.cfg.adapters)
+        net = AttentiveNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed,
+                                            align=align, reduction=self.cfg.reduction, adapters=self.cfg.adapters)
         self.levels = branch_levels(net) if self.cfg.adversarial else {}
         if self.cfg.adversarial and not self.levels:
             logger.warning("finetune.attentive.adversarial: no two tasks of this tree branch at the same depth, "

@@ -74,8 +74,8 @@ class FusedVariant(Variant):
               align: Tensor | None = None) -> nn.Module:
         from branchnas.models.fused import FusedNet
 
-        return FusedNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed, align=align,
-                                         **self.settings())
+        return FusedNet.from_single_task(tree, backbones, heads, init, tasks=tasks, affinity=affinity, seed=seed,
+                                         align=align, **self.settings())
 
     def backward(self, model: nn.Module, losses: Mapping[str, Tensor], weighting: Any,
                  shared: Sequence[Tensor], progress: float) -> dict[str, float]:
