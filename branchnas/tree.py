@@ -178,8 +178,7 @@ class Tree:
         return self._hash
 
     def __repr__(self) -> str:
-        parts = " | ".join(_format_partition(p, self.tasks) for p in self.partitions)
-        return f"Tree({parts})"
+        return f"Tree({describe_partitions(self.named_partitions())})"
 
     def __str__(self) -> str:
         return self.render()
@@ -466,10 +465,6 @@ def _check_refines(fine: Partition, coarse: Partition, tasks: tuple[str, ...], p
                 f"tree: branch point {point!r} puts {tasks[a]!r} and {tasks[b]!r} in one group, but "
                 f"{previous!r} before it separates them; a branch can split, never merge"
             )
-
-
-def _format_partition(partition: Partition, tasks: tuple[str, ...]) -> str:
-    return " ".join("{" + ",".join(tasks[t] for t in g) + "}" for g in partition)
 
 
 def describe_partitions(partitions: Sequence[Sequence[Sequence[str]]], separator: str = " | ") -> str:

@@ -170,18 +170,18 @@ def align_inputs(net: Any, backbones_by_task: Mapping[str, nn.Module], images: T
     modes = [(m, m.training) for m in (net, *backbones_by_task.values())]
     for module, _ in modes:
         module.eval()  # BatchNorm's running statistics, as the single-task models computed them
-    parents = dict(net.plan)
     report: dict[str, dict[str, Any]] = {}
     try:
-        for name, parent in net.plan:
+        for name, _ in net.plan:
             source = (getattr(net, "sources", None) or {}).get(name)
             if source is None:
                 continue
             depth = int(name[1:].split("_", 1)[0])
             own = backbones_by_task[source]
+            above = net.task_path(net.node_groups[name][0])[:depth]
             entry = _align_one(
                 net.nodes[name],
-                lambda x, p=parent: _node_output(net, parents, p, x),
+                lambda x, path=above: _path_output(net, path, x),
                 lambda x, b=own, d=depth: _backbone_output(b, d, x),
                 images, ridge)
             if entry is not None:
@@ -189,9 +189,10 @@ def align_inputs(net: Any, backbones_by_task: Mapping[str, nn.Module], images: T
         for task in net.task_names:
             own = backbones_by_task[task]
             depth = len(own.blocks)
+            path = net.task_path(task)
             entry = _align_one(
                 net.heads[task],
-                lambda x, leaf=net.leaf[task]: _node_output(net, parents, leaf, x),
+                lambda x, path=path: _path_output(net, path, x),
                 lambda x, b=own, d=depth: _backbone_output(b, d, x),
                 images, ridge)
             if entry is not None:
@@ -202,14 +203,10 @@ def align_inputs(net: Any, backbones_by_task: Mapping[str, nn.Module], images: T
     return report
 
 
-def _node_output(net: Any, parents: Mapping[str, str], name: str, x: Tensor) -> Tensor:
-    """The output of node ``name`` (or ``"stem"``) of ``net`` for images ``x``."""
-    path = []
-    while name != "stem":
-        path.append(name)
-        name = parents[name]
+def _path_output(net: Any, path: list[str], x: Tensor) -> Tensor:
+    """The stem of ``net`` and then the nodes of ``path`` (a prefix of a task's path) on images ``x``."""
     out = net.stem(x)
-    for node in reversed(path):
+    for node in path:
         out = net.nodes[node](out)
     return out
 
