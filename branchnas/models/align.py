@@ -171,36 +171,25 @@ def align_inputs(net: Any, backbones_by_task: Mapping[str, nn.Module], images: T
     for module, _ in modes:
         module.eval()  # BatchNorm's running statistics, as the single-task models computed them
     report: dict[str, dict[str, Any]] = {}
+    # (report key, module, source task, the nodes its input passes through): nodes in plan order, then heads
+    sources = getattr(net, "sources", None) or {}
+    places = [(name, net.nodes[name], sources[name], net.task_path(net.node_groups[name][0])[:_depth(name)])
+              for name, _ in net.plan if sources.get(name) is not None]
+    places += [(f"head:{task}", net.heads[task], task, net.task_path(task)) for task in net.task_names]
     try:
-        for name, _ in net.plan:
-            source = (getattr(net, "sources", None) or {}).get(name)
-            if source is None:
-                continue
-            depth = int(name[1:].split("_", 1)[0])
-            own = backbones_by_task[source]
-            above = net.task_path(net.node_groups[name][0])[:depth]
-            entry = _align_one(
-                net.nodes[name],
-                lambda x, path=above: _path_output(net, path, x),
-                lambda x, b=own, d=depth: _backbone_output(b, d, x),
-                images, ridge)
+        for key, module, source, path in places:
+            entry = _align_one(module, net, path, backbones_by_task[source], images, ridge)
             if entry is not None:
-                report[name] = {"source": source, **entry}
-        for task in net.task_names:
-            own = backbones_by_task[task]
-            depth = len(own.blocks)
-            path = net.task_path(task)
-            entry = _align_one(
-                net.heads[task],
-                lambda x, path=path: _path_output(net, path, x),
-                lambda x, b=own, d=depth: _backbone_output(b, d, x),
-                images, ridge)
-            if entry is not None:
-                report[f"head:{task}"] = {"source": task, **entry}
+                report[key] = {"source": source, **entry}
     finally:
         for module, mode in modes:
             module.train(mode)
     return report
+
+
+def _depth(node: str) -> int:
+    """The block index of a node name (``b2_0_3`` -> 2)."""
+    return int(node[1:].split("_", 1)[0])
 
 
 def _path_output(net: Any, path: list[str], x: Tensor) -> Tensor:
@@ -219,10 +208,12 @@ def _backbone_output(backbone: nn.Module, depth: int, x: Tensor) -> Tensor:
     return out
 
 
-def _align_one(module: nn.Module, given: Any, wanted: Any, images: Tensor, ridge: float) -> dict[str, Any] | None:
-    """Fit, fold and check one module; ``None`` when it already computes what its source does."""
+def _align_one(module: nn.Module, net: Any, path: list[str], source: nn.Module, images: Tensor,
+               ridge: float) -> dict[str, Any] | None:
+    """Fit, fold and check one module that reads ``net``'s features after ``path``, against what
+    it read in its ``source`` backbone; ``None`` when it already computes what it did there."""
     with torch.no_grad():
-        chunks = [(given(x), wanted(x)) for x in images.split(CHUNK)]
+        chunks = [(_path_output(net, path, x), _backbone_output(source, len(path), x)) for x in images.split(CHUNK)]
         reference = torch.cat([module(b.clone()) for _, b in chunks])
         before = torch.cat([module(a.clone()) for a, _ in chunks])
         error_before = _relative_error(before, reference)
