@@ -88,22 +88,15 @@ def _pair():
 
 def _single_task(backbone, head, x):
     with torch.no_grad():
-        return head(backbone(x) if not hasattr(backbone, "blocks") else _features(backbone, x))
-
-
-def _features(backbone, x):
-    out = backbone.stem(x)
-    for block in backbone.blocks:
-        out = block(out)
-    return out
+        return head(backbone(x))
 
 
 def test_the_pair_is_a_change_of_basis():
     backbones, _, perms, scales = _pair()
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
-        fa = _features(backbones["a"], x)
-        fb = _features(backbones["b"], x)
+        fa = backbones["a"](x)
+        fb = backbones["b"](x)
     torch.testing.assert_close(fb, fa[:, perms[-1]] * scales[-1].view(1, -1, 1, 1), rtol=1e-4, atol=1e-5)
 
 
